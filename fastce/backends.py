@@ -1,0 +1,81 @@
+"""Which kernel backend runs: what is available on this machine, and what ``"auto"`` picks."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+
+_TRITON_IMPORT_ERROR: list = []  # filled once; a plain list rather than lru_cache, which torch.compile warns about
+
+
+def _triton_reason() -> str | None:
+    if not _TRITON_IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORT_ERROR.append(None)
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            _TRITON_IMPORT_ERROR.append(f"triton is not importable ({exc})")
+    if _TRITON_IMPORT_ERROR[0] is not None:
+        return _TRITON_IMPORT_ERROR[0]
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, slowly)"
+    return None
+
+
+def _cuda_reason() -> str | None:
+    try:
+        from .kernels import cuda_ce
+    except ImportError as exc:
+        return f"the CUDA backend module is missing ({exc})"
+    return cuda_ce.unavailable_reason()
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when ``backend`` can run here, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_reason()
+    if backend == "cuda":
+        return _cuda_reason()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, fastest first (``"torch"`` always can)."""
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """The concrete backend for ``logits``; raises ``ValueError`` naming the reason if it cannot run."""
+    if backend == "auto":
+        if logits.device.type != "cuda":
+            return "torch"
+        for name in ("cuda", "triton"):
+            if unavailable_reason(name) is None:
+                return name
+        return "torch"
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise ValueError(f"fastce backend {backend!r} is unavailable: {reason}")
+    if backend in ("cuda", "triton") and logits.device.type != "cuda":
+        if not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"fastce backend {backend!r} needs CUDA tensors, got logits on {logits.device}")
+    return backend
+
+
+def kernels(backend: str):
+    """The module holding ``backend``'s launchers (see ``fastce/kernels/__init__.py``)."""
+    if backend == "torch":
+        from .kernels import torch_ce as module
+    elif backend == "triton":
+        from .kernels import triton_ce as module
+    elif backend == "cuda":
+        from .kernels import cuda_ce as module
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return module

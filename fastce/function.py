@@ -1,0 +1,66 @@
+"""The autograd layer: one ``torch.autograd.Function`` owns forward and backward for every backend.
+
+The gradient is produced in the forward launch, in the same pass over the logits as the loss (the loss is the
+last op of a training forward, so backward always follows); backward only rescales it by ``grad_output``, and
+that rescale leaves rows alone whose factor is 1, the usual case, deciding so on the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import ops
+
+
+def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
+    # float64 sum: deterministic, and exact enough that the loss's relative error stays far below 1e-6.
+    safe_divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (losses.sum(dtype=torch.float64) / safe_divisor).float()
+
+
+class FusedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend):
+        if inplace:
+            losses = ops.cross_entropy_fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
+            grad = logits
+        else:
+            losses, grad = ops.cross_entropy_fwd(logits, targets, divisor, ignore_index, True, validate, backend)
+        ctx.save_for_backward(grad)
+        ctx.backend = backend
+        ctx.backward_done = False
+        return _sum_over(losses, divisor) if reduce else losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.backward_done:
+            raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        ops.scale_grad_(grad, grad_output, ctx.backend)
+        return grad, None, None, None, None, None, None, None
+
+
+def fused_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    divisor: Tensor,
+    ignore_index: int,
+    *,
+    reduce: bool,
+    inplace: bool,
+    validate: bool,
+    backend: str,
+) -> Tensor:
+    """``sum(row losses) / divisor`` (``reduce``) or the float32 row losses ``[B, T]`` (then ``divisor`` must be 1).
+
+    ``logits`` ``[B, T, V]`` with unit stride over V, ``targets`` ``[B, T]`` aligned with them, ``divisor`` a
+    0-dim float64 tensor on the logits' device; ``backend`` is concrete (see ``backends.resolve_backend``).
+    Gradient work is done only when autograd will need it.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return FusedCrossEntropy.apply(logits, targets, divisor, ignore_index, reduce, inplace, validate, backend)
+    losses, _ = ops.cross_entropy_fwd(logits, targets, divisor, ignore_index, False, validate, backend)
+    return _sum_over(losses, divisor) if reduce else losses

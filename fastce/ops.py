@@ -1,0 +1,96 @@
+"""Torch custom ops over the kernels: validate, allocate, launch. No autograd here (see ``function.py``).
+
+Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` treats each as one opaque node
+(with a fake implementation for tracing) instead of breaking the graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import kernels
+
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_layout(logits: Tensor, targets: Tensor, divisor: Tensor) -> None:
+    # User-facing checks live in loss.py; these guard the kernels' assumptions against direct callers.
+    if logits.dim() != 3 or logits.stride(-1) != 1:
+        raise ValueError(f"logits must be [B, T, V] with unit stride over V, got {tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"targets must be int32 or int64, got {targets.dtype}")
+    if targets.device != logits.device or divisor.device != logits.device:
+        raise ValueError(f"logits ({logits.device}), targets ({targets.device}) and divisor ({divisor.device}) must share a device")
+    if divisor.dim() != 0 or divisor.dtype != torch.float64:
+        raise ValueError("divisor must be a 0-dim float64 tensor")
+
+
+def validate_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` that is not ``ignore_index``.
+
+    This reads one bool back to the host (a synchronisation); ``validate=False`` skips it, and the kernels then
+    give such a row a NaN loss without reading out of bounds.
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(targets[position])
+        raise ValueError(
+            f"target {value} at position {position} is outside [0, {vocab_size}) and is not ignore_index={ignore_index}"
+        )
+
+
+@torch.library.custom_op("fastce::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
+    (else an empty tensor)."""
+    _check_layout(logits, targets, divisor)
+    if validate:
+        validate_targets(targets, logits.shape[-1], ignore_index)
+    losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad if compute_grad else None, ignore_index)
+    return losses, grad
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, targets, divisor, ignore_index, compute_grad, validate, backend):
+    losses = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+    return losses, logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+
+
+@torch.library.custom_op("fastce::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def cross_entropy_fwd_inplace(
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
+) -> Tensor:
+    """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``."""
+    _check_layout(logits, targets, divisor)
+    if validate:
+        validate_targets(targets, logits.shape[-1], ignore_index)
+    losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index)
+    return losses
+
+
+@cross_entropy_fwd_inplace.register_fake
+def _(logits, targets, divisor, ignore_index, validate, backend):
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastce::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
+    """``grad *= grad_output`` row by row (``grad_output`` 0-dim or ``[B, T]``), skipping factors equal to 1 on the device."""
+    if grad_output.dim() not in (0, 2):
+        raise ValueError(f"grad_output must be 0-dim or [B, T], got {tuple(grad_output.shape)}")
+    kernels(backend).scale_grad_(grad, grad_output.to(device=grad.device, dtype=torch.float32))
+
+
+@scale_grad_.register_fake
+def _(grad, grad_output, backend):
+    return None

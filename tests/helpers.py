@@ -1,0 +1,64 @@
+"""Shared test utilities: random inputs (never zeros), tolerances, and which backends run here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastce
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Gradient tolerance "at the rounding level of the dtype": relative to each reference element one unit in the last
+# place (eps), plus the spacing of the smallest subnormals for elements that underflow.
+GRAD_RTOL = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+             torch.float16: torch.finfo(torch.float16).eps}
+GRAD_ATOL = {torch.float32: 1e-30, torch.bfloat16: 1e-38, torch.float16: 2.0**-24}
+
+
+def backends_for(device: str) -> list[str]:
+    """Backends to test on ``device``: on the CPU the Triton kernels run in Triton's interpreter."""
+    names = [b for b in fastce.available_backends() if b != "cuda" or device == "cuda"]
+    if device == "cuda":
+        return [b for b in names if b in ("triton", "cuda", "torch")]
+    return [b for b in names if b in ("triton", "torch")]
+
+
+def backend_params():
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+            for d in DEVICES for b in backends_for(d)]
+
+
+def random_logits(shape, dtype, device, scale=3.0) -> torch.Tensor:
+    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def padded_labels(batch, seq_len, vocab, device, *, left=False, ignore_index=-100, min_len=0) -> torch.Tensor:
+    """Random labels with a random number of padded (ignored) positions per row, at the right (or left) end."""
+    labels = torch.randint(0, vocab, (batch, seq_len), device=device)
+    for b in range(batch):
+        keep = int(torch.randint(min(min_len, seq_len), seq_len + 1, ()))
+        if left:
+            labels[b, : seq_len - keep] = ignore_index
+        else:
+            labels[b, keep:] = ignore_index
+    return labels
+
+
+def assert_grad_close(actual: torch.Tensor, expected64: torch.Tensor, roundings: int = 1) -> None:
+    """``roundings``: how many times the value was rounded to its dtype (2 when backward rescales it)."""
+    dtype = actual.dtype
+    assert torch.isfinite(actual).all(), "non-finite gradient"
+    err = (actual.double() - expected64).abs()
+    bound = roundings * (GRAD_RTOL[dtype] * expected64.abs() + GRAD_ATOL[dtype])
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"{dtype} gradient off at flat index {int(worst)}: got {actual.flatten()[worst].item()}, "
+        f"expected {expected64.flatten()[worst].item()}"
+    )
+
+
+def assert_loss_close(actual: torch.Tensor, expected64: torch.Tensor, rtol: float = 1e-6) -> None:
+    assert actual.dtype == torch.float32
+    a, e = actual.double().item(), expected64.item()
+    assert abs(a - e) <= rtol * abs(e) + 1e-12, f"loss {a} vs float64 {e} (rel {abs(a - e) / max(abs(e), 1e-300):.3g})"

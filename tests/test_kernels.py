@@ -1,0 +1,96 @@
+"""Each backend's launchers against the float64 reference, with every output poisoned first (see kernels/__init__)."""
+import pytest
+import torch
+
+from fastce.backends import kernels
+from fastce.reference import cross_entropy_reference
+
+from helpers import assert_grad_close, backend_params, random_logits
+
+
+def _reference_grad(logits, targets, divisor, ignore_index):
+    x = logits.double()
+    in_range = (targets >= 0) & (targets < x.shape[-1])
+    grad = torch.softmax(x, dim=-1)
+    onehot = torch.zeros_like(grad)
+    onehot.scatter_(-1, torch.where(in_range, targets, 0).long().unsqueeze(-1), in_range.double().unsqueeze(-1))
+    grad = (grad - onehot) / (divisor if divisor != 0 else 1.0)
+    return grad.masked_fill((targets == ignore_index).unsqueeze(-1), 0.0)
+
+
+# (B, T, V): V=1; odd V; a V above the kernels' 8192-wide vocabulary chunk (several chunks, a ragged tail).
+SHAPES = [(1, 1, 1), (2, 3, 37), (1, 5, 1000), (2, 2, 8193 + 4096 + 7)]
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
+def test_fwd_writes_every_output(device, backend, dtype, shape, target_dtype):
+    B, T, V = shape
+    ignore_index = -7
+    logits = random_logits(shape, dtype, device)
+    targets = torch.randint(0, V, (B, T), device=device, dtype=target_dtype)
+    targets[0, -1] = ignore_index
+    divisor = torch.tensor(3.0, dtype=torch.float64, device=device)
+    losses = torch.full((B, T), float("nan"), device=device)
+    grad = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index)
+    expected = cross_entropy_reference(logits, targets, ignore_index)
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6)
+    assert_grad_close(grad, _reference_grad(logits, targets, 3.0, ignore_index))
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_fwd_strided_rows_and_loss_only(device, backend):
+    """Rows of a slice (two row strides, no copy); forward-only leaves no gradient work behind."""
+    full = random_logits((3, 9, 301), torch.bfloat16, device)
+    logits = full[:, 4:]  # not viewable as [N, V]
+    targets = torch.randint(0, 301, (3, 5), device=device)[:, ::1]
+    losses = torch.full((3, 5), float("nan"), device=device)
+    divisor = torch.tensor(1.0, dtype=torch.float64, device=device)
+    kernels(backend).cross_entropy_fwd(logits, targets.t().contiguous().t(), divisor, losses, None, -100)
+    torch.testing.assert_close(losses.double(), cross_entropy_reference(logits, targets), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_fwd_out_of_range_target_is_nan_not_a_read(device, backend):
+    V = 50
+    # The logits are a slice of a larger buffer whose neighbouring elements are huge: a read out of the row's
+    # bounds would show up as a finite (wrong) loss, but the defined result is NaN.
+    buffer = random_logits((1, 4, 3 * V), torch.float32, device)
+    buffer[..., V:] = 1e30
+    logits = buffer[..., :V]
+    targets = torch.tensor([[V, -1, 2 * V, 3]], device=device)
+    losses = torch.full((1, 4), 123.0, device=device)
+    grad = torch.full((1, 4, V), float("nan"), device=device)
+    divisor = torch.tensor(1.0, dtype=torch.float64, device=device)
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad, -100)
+    assert torch.isnan(losses[0, :3]).all()
+    torch.testing.assert_close(losses[0, 3].double(), cross_entropy_reference(logits, targets)[0, 3])
+    # Rows with a bad target get softmax / divisor (no one-hot): finite, never read from outside the row.
+    torch.testing.assert_close(grad[0, :3].double(), torch.softmax(logits[0, :3].double(), -1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per-row"])
+def test_scale_grad(device, backend, per_row):
+    grad = random_logits((2, 3, 77), torch.bfloat16, device)
+    if per_row:
+        factor = torch.rand(2, 3, device=device) + 0.5
+        factor[1, 2] = 1.0
+    else:
+        factor = torch.tensor(0.37, device=device)
+    expected = grad.double() * (factor.unsqueeze(-1) if per_row else factor).double()
+    kernels(backend).scale_grad_(grad, factor)
+    # One rounding of the exact product (Triton's interpreter truncates where the GPU rounds to nearest).
+    assert_grad_close(grad, expected)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_scale_grad_by_one_keeps_every_bit(device, backend):
+    grad = random_logits((2, 3, 77), torch.bfloat16, device)
+    grad[0, 0, :5] = torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40, -3.0])
+    before = grad.clone()
+    kernels(backend).scale_grad_(grad, torch.tensor(1.0, device=device))
+    assert torch.equal(grad.view(torch.int16), before.view(torch.int16))
