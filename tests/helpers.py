@@ -1,6 +1,8 @@
 """Shared test utilities: random inputs (never zeros), tolerances, and which backends run here."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 # Gradient tolerance "at the rounding level of the dtype": relative to each reference element one unit in the last
 # place (eps), plus the spacing of the smallest subnormals for elements that underflow.
-GRAD_RTOL = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+# For float32 the gradient exp(x - lse) carries the float32 error of its argument times |x - lse| (up to ~30 for
+# these inputs), hence 64 eps; bf16/fp16 results are dominated by their own final rounding.
+GRAD_RTOL = {torch.float32: 64 * torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
              torch.float16: torch.finfo(torch.float16).eps}
 GRAD_ATOL = {torch.float32: 1e-30, torch.bfloat16: 1e-38, torch.float16: 2.0**-24}
 
@@ -21,7 +25,8 @@ def backends_for(device: str) -> list[str]:
     names = [b for b in fastce.available_backends() if b != "cuda" or device == "cuda"]
     if device == "cuda":
         return [b for b in names if b in ("triton", "cuda", "torch")]
-    return [b for b in names if b in ("triton", "torch")]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return [b for b in names if b == "torch" or (b == "triton" and interpreted)]
 
 
 def backend_params():

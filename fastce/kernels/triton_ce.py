@@ -1,13 +1,12 @@
 """Triton backend: one fused kernel computes each row's loss and, in the same launch, its gradient.
 
 Each program owns whole rows: pass 1 streams the row once for an online log-sum-exp (float32) and the target
-logit; pass 2 streams it again -- from L2, since a persistent grid keeps only about one row per SM in flight --
-and writes ``(softmax - onehot) / divisor`` in the logits' dtype. Same contract as the other backends (see
+logit; pass 2 streams it again (partly from L2) and writes ``(softmax - onehot) / divisor`` in the logits' dtype.
+The kernel can also walk rows persistently (fewer programs than rows), which the launch config currently does
+not use. Same contract as the other backends (see
 ``fastce/kernels/__init__.py``).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -108,21 +107,19 @@ def _scale_grad_kernel(
             tl.store(row_grad_ptr + offs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_V, num_warps, programs)."""
-    block_v = min(8192, triton.next_power_of_2(max(vocab_size, 16)))
-    num_warps = 8 if block_v >= 4096 else 4
-    if device.type == "cuda":
-        # About one row per SM in flight, so a row read in pass 1 is still in L2 for pass 2.
-        programs = min(num_rows, 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
-    else:  # TRITON_INTERPRET on the CPU
-        programs = min(num_rows, 4)
-    return block_v, num_warps, max(programs, 1)
+    """(BLOCK_V, num_warps, programs), from benchmarks/tune_triton.py on an H100 (see benchmarks/NOTES.md).
+
+    One program per row beat a persistent grid of 1, 2 or 4 programs per SM at every standard shape: more rows
+    in flight hide more memory latency than L2 reuse of pass 1's reads saves.
+    """
+    if vocab_size <= 40000:
+        block_v, num_warps = 16384, 16
+    else:
+        block_v, num_warps = 8192, 8
+    block_v = min(block_v, triton.next_power_of_2(max(vocab_size, 16)))
+    num_warps = min(num_warps, max(1, block_v // 256))
+    return block_v, num_warps, max(num_rows, 1)
 
 
 def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int) -> None:
