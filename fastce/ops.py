@@ -29,19 +29,58 @@ def _check_layout(logits: Tensor, targets: Tensor, divisor: Tensor) -> None:
         raise ValueError("divisor must be a 0-dim float64 tensor")
 
 
+def _bad_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
+    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+
+
+def _raise_bad_target(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    bad = _bad_targets(targets, vocab_size, ignore_index)
+    position = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"target {int(targets[position])} at position {position} is outside [0, {vocab_size}) "
+        f"and is not ignore_index={ignore_index}"
+    )
+
+
 def validate_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` that is not ``ignore_index``.
 
     This reads one bool back to the host (a synchronisation); ``validate=False`` skips it, and the kernels then
     give such a row a NaN loss without reading out of bounds.
     """
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        value = int(targets[position])
-        raise ValueError(
-            f"target {value} at position {position} is outside [0, {vocab_size}) and is not ignore_index={ignore_index}"
-        )
+    if bool(_bad_targets(targets, vocab_size, ignore_index).any()):
+        _raise_bad_target(targets, vocab_size, ignore_index)
+
+
+class _OverlappedValidation:
+    """Validation that does not leave the GPU idle: the check is queued before the kernel, its one-byte answer is
+    copied to pinned memory, and the host waits for that copy only (not for the kernel) before it decides.
+
+    The kernel is safe on bad targets (a NaN row, no out-of-bounds read), so launching it before the answer is
+    known is harmless; its outputs are dropped when the check raises.
+    """
+
+    def __init__(self, targets: Tensor, vocab_size: int, ignore_index: int):
+        self.args = (targets, vocab_size, ignore_index)
+        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.flag.copy_(_bad_targets(*self.args).any(), non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def check(self) -> None:
+        self.ready.synchronize()
+        if bool(self.flag):
+            _raise_bad_target(*self.args)
+
+
+def _start_validation(validate: bool, targets: Tensor, vocab_size: int, ignore_index: int):
+    """None, or an object whose ``check()`` raises after the launch; CPU tensors are checked at once."""
+    if not validate:
+        return None
+    if targets.is_cuda:
+        return _OverlappedValidation(targets, vocab_size, ignore_index)
+    validate_targets(targets, vocab_size, ignore_index)
+    return None
 
 
 @torch.library.custom_op("fastce::cross_entropy_fwd", mutates_args=())
@@ -51,11 +90,12 @@ def cross_entropy_fwd(
     """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
     (else an empty tensor)."""
     _check_layout(logits, targets, divisor)
-    if validate:
-        validate_targets(targets, logits.shape[-1], ignore_index)
+    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
     kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad if compute_grad else None, ignore_index)
+    if pending is not None:
+        pending.check()
     return losses, grad
 
 
@@ -71,7 +111,7 @@ def cross_entropy_fwd_inplace(
 ) -> Tensor:
     """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``."""
     _check_layout(logits, targets, divisor)
-    if validate:
+    if validate:  # before the launch: in-place, a launch would overwrite the caller's logits before we could raise
         validate_targets(targets, logits.shape[-1], ignore_index)
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index)

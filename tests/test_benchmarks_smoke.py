@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark suite (benchmarks/bench_cross_entropy.py): one tiny CPU shape, a few seconds.
+
+It checks that the suite runs end to end and writes sane results, not how fast anything is.
+"""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cross_entropy.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_cross_entropy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_runs_on_one_cpu_shape(tmp_path):
+    bench = _load_bench()
+    # V = 257: odd, and not a multiple of any chunk or vector width.
+    json_path = bench.main(["--device", "cpu", "--quick", "--no-plots", "--shapes", "2x16x257",
+                            "--impls", "fastce,torch-f32", "--out", str(tmp_path)])
+    result = json.loads(Path(json_path).read_text())
+
+    header = result["header"]
+    assert header["device_slug"] == "cpu"
+    assert header["copy_gbps"] > 0
+    assert {"torch_version", "fastce_version", "date"} <= header.keys()
+
+    rows = result["rows"]
+    fastce_rows = [row for row in rows if row["impl"].startswith("fastce-")]
+    assert {row["mode"] for row in fastce_rows} == {"fwd+bwd", "fwd+bwd-inplace", "fwd"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
+        assert row["gbps"] > 0, row
+        assert row["loss_rel_err"] < 1e-5, row
+        if row["mode"] != "fwd":
+            assert row["grad_rel_err"] < 1e-4, row
+    for row in fastce_rows:
+        if row["mode"] == "fwd+bwd-inplace":
+            assert row["grad_aliases_logits"] is True, row
+        else:
+            assert row["logits_intact"] is True, row
+
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["cpu.csv", "cpu.json", "cpu.md"]
+    assert "| fastce-torch | fwd+bwd |" in (tmp_path / "cpu.md").read_text()
