@@ -1,4 +1,4 @@
-"""Sweep the Triton kernel's launch configuration (BLOCK_V, num_warps, programs per SM) on the standard shapes.
+"""Sweep the Triton kernel's launch configuration (BLOCK_V, num_warps, vocabulary splits) on the standard shapes.
 
     python benchmarks/tune_triton.py [--quick]
 
@@ -42,40 +42,50 @@ def time_fwd_bwd(logits, labels, num_items, **kwargs):
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
+def configs(B, T, V, quick):
+    """(BLOCK_V, num_warps, num_splits) candidates for one shape."""
+    if V <= triton_ce._SINGLE_CHUNK_MAX:
+        block = triton.next_power_of_2(V)
+        return [(block, w, 1) for w in (8, 16, 32)]
+    rows = [(b, w, 1) for b, w in itertools.product([4096, 8192, 16384], [8, 16] if quick else [4, 8, 16])]
+    return rows + [(8192, 8, s) for s in (2, 4, 8, 16)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", default="4x2048x32000,4x2048x128256,2x4096x151936,2x4096x256000,1x512x256000,1x1024x256000")
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    shapes = [(4, 2048, 32000), (4, 2048, 128256), (2, 4096, 256000), (1, 512, 256000)]
-    blocks = [4096, 8192, 16384]
-    warps = [8, 16] if args.quick else [4, 8, 16]
-    per_sm = [1, 2, 4, 0]  # 0: one program per row (no persistent loop)
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     default_config = triton_ce._launch_config
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for B, T, V in shapes:
         logits, labels, num_items = make_inputs(B, T, V)
         floor_ms = B * T * V * 4 / bw * 1e3
         ms = time_fwd_bwd(logits, labels, num_items)
-        print(f"\n{(B, T, V)} floor {floor_ms:.3f} ms; default config {default_config(V, B * T, logits.device)}: "
-              f"{ms:.3f} ms ({floor_ms / ms:.0%} of copy bandwidth)", flush=True)
+        with torch.no_grad():
+            fwd_ms = triton.testing.do_bench(
+                lambda: fastce.causal_lm_loss(logits, labels, num_items_in_batch=num_items, backend="triton"),
+                warmup=25, rep=200, return_mode="median")
+        print(f"\n{(B, T, V)} floor {floor_ms:.3f} ms; default {default_config(V, B * T, logits.device)}: "
+              f"fwd+bwd {ms:.3f} ms ({floor_ms / ms:.0%} of copy bandwidth); "
+              f"fwd only {fwd_ms:.3f} ms ({floor_ms / 2 / fwd_ms:.0%})", flush=True)
         results = []
-        for block_v, num_warps, k in itertools.product(blocks, warps, per_sm):
-            programs = B * T if k == 0 else min(B * T, k * sms)
-            triton_ce._launch_config = lambda *a, _c=(block_v, num_warps, programs): _c
+        for config in configs(B, T, V, args.quick):
+            triton_ce._launch_config = lambda *a, _c=config: _c
             try:
                 ms = time_fwd_bwd(logits, labels, num_items)
             except Exception as exc:  # e.g. out of registers / shared memory for a config
-                print(f"  BLOCK_V={block_v:6d} warps={num_warps:2d} programs/SM={k}: failed {type(exc).__name__}")
+                print(f"  {config}: failed {type(exc).__name__}")
                 continue
             finally:
                 triton_ce._launch_config = default_config
-            results.append((ms, block_v, num_warps, k))
-            print(f"  BLOCK_V={block_v:6d} warps={num_warps:2d} programs/SM={k or 'rows'}: {ms:.3f} ms "
+            results.append((ms, config))
+            print(f"  BLOCK_V={config[0]:6d} warps={config[1]:2d} splits={config[2]:2d}: {ms:.3f} ms "
                   f"({floor_ms / ms:.0%})", flush=True)
         best = min(results)
-        print(f"  best: {best[0]:.3f} ms BLOCK_V={best[1]} warps={best[2]} programs/SM={best[3] or 'rows'}", flush=True)
+        print(f"  best: {best[0]:.3f} ms {best[1]}", flush=True)
         del logits, labels
         torch.cuda.empty_cache()
 

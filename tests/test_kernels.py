@@ -18,8 +18,30 @@ def _reference_grad(logits, targets, divisor, ignore_index):
     return grad.masked_fill((targets == ignore_index).unsqueeze(-1), 0.0)
 
 
-# (B, T, V): V=1; odd V; a V above the kernels' 8192-wide vocabulary chunk (several chunks, a ragged tail).
+# (B, T, V): V=1; odd V; a V above the Triton kernels' 8192-wide vocabulary chunk (several chunks, a ragged tail).
 SHAPES = [(1, 1, 1), (2, 3, 37), (1, 5, 1000), (2, 2, 8193 + 4096 + 7)]
+
+
+@pytest.mark.parametrize("device", [p.values[0] for p in backend_params() if p.values[1] == "triton"])
+@pytest.mark.parametrize("num_splits", [1, 2, 5], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_triton_row_and_split_paths(device, num_splits, inplace):
+    """V above the single-chunk limit: the streaming row path (1 split) and the split path, also in place."""
+    from fastce.kernels import triton_ce
+
+    B, T, V = 2, 3, 32768 + 8192 * 3 + 5
+    logits = random_logits((B, T, V), torch.bfloat16, device)
+    targets = torch.randint(0, V, (B, T), device=device)
+    targets[1, 0] = -100
+    targets[0, 2] = V - 1  # the last element of the last (ragged) split
+    reference_grad = _reference_grad(logits, targets, 7.0, -100)
+    expected = cross_entropy_reference(logits, targets)
+    losses = torch.full((B, T), float("nan"), device=device)
+    grad = logits if inplace else torch.full_like(logits, float("nan"))
+    divisor = torch.tensor(7.0, dtype=torch.float64, device=device)
+    triton_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, -100, num_splits=num_splits)
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6)
+    assert_grad_close(grad, reference_grad)
 
 
 @pytest.mark.parametrize("device, backend", backend_params())

@@ -1,16 +1,90 @@
-"""Triton backend: one fused kernel computes each row's loss and, in the same launch, its gradient.
+"""Triton backend: the loss of each row and, in the same launch, its gradient. Contract: ``fastce/kernels/__init__.py``.
 
-Each program owns whole rows: pass 1 streams the row once for an online log-sum-exp (float32) and the target
-logit; pass 2 streams it again (partly from L2) and writes ``(softmax - onehot) / divisor`` in the logits' dtype.
-The kernel can also walk rows persistently (fewer programs than rows), which the launch config currently does
-not use. Same contract as the other backends (see
-``fastce/kernels/__init__.py``).
+Three shapes of work, chosen by ``_launch_config``:
+
+* single chunk (V <= 32768): a program holds its whole row in registers: one read, one exp per element, one write.
+* row path (many rows): a program streams its row twice. Pass 1 keeps an online log-sum-exp (float32) and reads
+  the target logit; pass 2 writes ``(softmax - onehot) / divisor``, walking the row backwards so that the chunks
+  pass 1 read last, the ones most likely still in L2, are read again first.
+* split path (few rows, large V): the vocabulary of a row is cut into splits over several programs. Kernel A
+  writes each split's (max, sum of exps); kernel B merges a row's partials in split order (every program of the row
+  gets the same bits) and writes its split's gradient; split 0 writes the loss. Kernel A has read everything before
+  kernel B writes, so the gradient may overwrite the logits (in-place).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+
+_NEG_INF = float("-inf")
+
+
+@triton.jit
+def _row_offsets(row, seq_len, stride_b, stride_t):
+    """Element offset of row ``row`` (int64) of a [B, T, ...] tensor with the given strides."""
+    b = row // seq_len
+    return b * stride_b + (row - b * seq_len) * stride_t
+
+
+@triton.jit
+def _chunk_max_sum(x, running_max, running_sum):
+    """Fold chunk ``x`` into an online (max, sum of exp(x - max)); a max still at -inf must not give exp(nan)."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+    return new_max, running_sum
+
+
+@triton.jit
+def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr):
+    """Online (max, sum of exps) of ``row[lo:hi]``, float32."""
+    cols = tl.arange(0, BLOCK_V)
+    running_max = tl.full([], -float("inf"), tl.float32)
+    running_sum = tl.zeros([], tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_logits_ptr + offs, mask=offs < hi, other=-float("inf")).to(tl.float32)
+        running_max, running_sum = _chunk_max_sum(x, running_max, running_sum)
+    return running_max, running_sum
+
+
+@triton.jit
+def _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, grad_scale, BLOCK_V: tl.constexpr):
+    """grad[lo:hi] = (exp(x - lse) - onehot(target)) * grad_scale, last chunk first (see the module docstring)."""
+    cols = tl.arange(0, BLOCK_V)
+    num_chunks = tl.cdiv(hi - lo, BLOCK_V)
+    for i in range(num_chunks):
+        offs = lo + (num_chunks - 1 - i) * BLOCK_V + cols
+        mask = offs < hi
+        x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        prob = tl.exp(x - lse)
+        grad = tl.where(offs == target, prob - 1.0, prob) * grad_scale
+        tl.store(row_grad_ptr + offs, grad.to(row_grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_zeros(row_grad_ptr, lo, hi, BLOCK_V: tl.constexpr):
+    cols = tl.arange(0, BLOCK_V)
+    zeros = tl.zeros([BLOCK_V], dtype=row_grad_ptr.dtype.element_ty)
+    for start in range(lo, hi, BLOCK_V):
+        tl.store(row_grad_ptr + start + cols, zeros, mask=start + cols < hi)
+
+
+@triton.jit
+def _grad_scale(divisor_ptr):
+    divisor = tl.load(divisor_ptr)
+    return (1.0 / tl.where(divisor == 0, 1.0, divisor)).to(tl.float32)
+
+
+@triton.jit
+def _loss(row_logits_ptr, lse, target, vocab_size):
+    """lse - x[target]; an out-of-range target is never read: its row gets NaN, never a silent number."""
+    in_range = (target >= 0) & (target < vocab_size)
+    target_logit = tl.load(row_logits_ptr + tl.where(in_range, target, 0)).to(tl.float32)
+    return tl.where(in_range, lse - target_logit, float("nan"))
 
 
 @triton.jit
@@ -26,58 +100,111 @@ def _cross_entropy_fwd_kernel(
     grad_ptr,  # *[B, T, V] output in the logits' dtype (may be logits_ptr: in-place); unused unless COMPUTE_GRAD
     grad_stride_b,
     grad_stride_t,
-    num_rows,  # B * T
     seq_len,  # T
     vocab_size,  # V
     ignore_index,
-    BLOCK_V: tl.constexpr,  # vocabulary chunk streamed per step
+    BLOCK_V: tl.constexpr,  # vocabulary chunk streamed per step; SINGLE_CHUNK: the whole row
+    SINGLE_CHUNK: tl.constexpr,  # V <= BLOCK_V: keep the row in registers (one read, one exp per element)
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no_grad / evaluation)
 ):
-    # The grid may be smaller than the number of rows (persistent): each program walks rows with a stride.
-    first_row = tl.program_id(0).to(tl.int64)
-    row_step = tl.num_programs(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_V)
-    if COMPUTE_GRAD:
-        divisor = tl.load(divisor_ptr)
-        grad_scale = (1.0 / tl.where(divisor == 0, 1.0, divisor)).to(tl.float32)
-    for row in range(first_row, num_rows, row_step):
-        b = row // seq_len
-        t = row - b * seq_len
-        row_logits_ptr = logits_ptr + b * logits_stride_b + t * logits_stride_t
-        target = tl.load(targets_ptr + b * targets_stride_b + t * targets_stride_t).to(tl.int64)
-        if target == ignore_index:
+    row = tl.program_id(0).to(tl.int64)
+    row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
+    row_grad_ptr = grad_ptr + _row_offsets(row, seq_len, grad_stride_b, grad_stride_t)
+    target = tl.load(targets_ptr + _row_offsets(row, seq_len, targets_stride_b, targets_stride_t)).to(tl.int64)
+    if target == ignore_index:
+        tl.store(losses_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            _write_zeros(row_grad_ptr, 0, vocab_size, BLOCK_V)
+    elif SINGLE_CHUNK:
+        cols = tl.arange(0, BLOCK_V)
+        mask = cols < vocab_size
+        x = tl.load(row_logits_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        row_max = tl.max(x, axis=0)
+        shifted = tl.exp(x - tl.where(row_max == -float("inf"), 0.0, row_max))
+        row_sum = tl.sum(shifted, axis=0)
+        tl.store(losses_ptr + row, _loss(row_logits_ptr, row_max + tl.log(row_sum), target, vocab_size))
+        if COMPUTE_GRAD:
+            grad_scale = _grad_scale(divisor_ptr)
+            prob = shifted * (1.0 / row_sum)
+            grad = tl.where(cols == target, prob - 1.0, prob) * grad_scale
+            tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        row_max, row_sum = _max_sum(row_logits_ptr, 0, vocab_size, BLOCK_V)
+        lse = row_max + tl.log(row_sum)
+        tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
+        if COMPUTE_GRAD:
+            _write_grad(row_logits_ptr, row_grad_ptr, 0, vocab_size, lse, target, _grad_scale(divisor_ptr), BLOCK_V)
+
+
+@triton.jit
+def _split_partials_kernel(
+    logits_ptr,  # *[B, T, V] input, as in _cross_entropy_fwd_kernel
+    logits_stride_b,
+    logits_stride_t,
+    partials_ptr,  # *[B*T, 2, NUM_SPLITS] fp32 out: (max, sum of exps) of each split
+    seq_len,
+    vocab_size,
+    split_len,  # elements per split, a multiple of BLOCK_V
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, vocab_size)
+    split_max, split_sum = _max_sum(row_logits_ptr, lo, hi, BLOCK_V)
+    tl.store(partials_ptr + row * 2 * NUM_SPLITS + split, split_max)
+    tl.store(partials_ptr + row * 2 * NUM_SPLITS + NUM_SPLITS + split, split_sum)
+
+
+@triton.jit
+def _split_finish_kernel(
+    logits_ptr,  # *[B, T, V] input
+    logits_stride_b,
+    logits_stride_t,
+    targets_ptr,  # *[B, T] targets
+    targets_stride_b,
+    targets_stride_t,
+    divisor_ptr,  # *[] fp64
+    losses_ptr,  # *[B*T] fp32 out (written by split 0)
+    grad_ptr,  # *[B, T, V] gradient out (may alias logits)
+    grad_stride_b,
+    grad_stride_t,
+    partials_ptr,  # *[B*T, 2, NUM_SPLITS] from _split_partials_kernel
+    seq_len,
+    vocab_size,
+    split_len,
+    ignore_index,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,  # NUM_SPLITS rounded up to a power of two (tl.arange needs one)
+    BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
+    row_grad_ptr = grad_ptr + _row_offsets(row, seq_len, grad_stride_b, grad_stride_t)
+    target = tl.load(targets_ptr + _row_offsets(row, seq_len, targets_stride_b, targets_stride_t)).to(tl.int64)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, vocab_size)
+    if target == ignore_index:
+        if split == 0:
             tl.store(losses_ptr + row, 0.0)
-            if COMPUTE_GRAD:
-                row_grad_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
-                zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
-                for start in range(0, vocab_size, BLOCK_V):
-                    tl.store(row_grad_ptr + start + cols, zeros, mask=start + cols < vocab_size)
-        else:
-            # Pass 1: online log-sum-exp, one exp per element; the running max starts at -inf, and a chunk
-            # whose max is still -inf must not produce exp(-inf - -inf) = NaN, hence the safe shift.
-            running_max = tl.full([], -float("inf"), tl.float32)
-            running_sum = tl.zeros([], tl.float32)
-            for start in range(0, vocab_size, BLOCK_V):
-                offs = start + cols
-                x = tl.load(row_logits_ptr + offs, mask=offs < vocab_size, other=-float("inf")).to(tl.float32)
-                new_max = tl.maximum(running_max, tl.max(x, axis=0))
-                shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-                running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
-                running_max = new_max
-            lse = running_max + tl.log(running_sum)
-            in_range = (target >= 0) & (target < vocab_size)
-            # An out-of-range target is never read: its row gets a NaN loss, never a silent number.
-            target_logit = tl.load(row_logits_ptr + tl.where(in_range, target, 0)).to(tl.float32)
-            tl.store(losses_ptr + row, tl.where(in_range, lse - target_logit, float("nan")))
-            if COMPUTE_GRAD:
-                row_grad_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
-                for start in range(0, vocab_size, BLOCK_V):
-                    offs = start + cols
-                    mask = offs < vocab_size
-                    x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    prob = tl.exp(x - lse)
-                    grad = tl.where(offs == target, prob - 1.0, prob) * grad_scale
-                    tl.store(row_grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_GRAD:
+            _write_zeros(row_grad_ptr, lo, hi, BLOCK_V)
+    else:
+        # Every program of the row merges the same partials in the same order: identical lse bits.
+        idx = tl.arange(0, SPLITS_POW2)
+        maxes = tl.load(partials_ptr + row * 2 * NUM_SPLITS + idx, mask=idx < NUM_SPLITS, other=-float("inf"))
+        sums = tl.load(partials_ptr + row * 2 * NUM_SPLITS + NUM_SPLITS + idx, mask=idx < NUM_SPLITS, other=0.0)
+        row_max = tl.max(maxes, axis=0)
+        shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+        lse = row_max + tl.log(tl.sum(sums * tl.exp(maxes - shift), axis=0))
+        if split == 0:
+            tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
+        if COMPUTE_GRAD:
+            _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, _grad_scale(divisor_ptr), BLOCK_V)
 
 
 @triton.jit
@@ -93,12 +220,10 @@ def _scale_grad_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // seq_len
-    t = row - b * seq_len
-    factor = tl.load(factor_ptr + b * factor_stride_b + t * factor_stride_t)
+    factor = tl.load(factor_ptr + _row_offsets(row, seq_len, factor_stride_b, factor_stride_t))
     # grad_output is almost always exactly 1: then each program reads one scalar and leaves.
     if factor != 1.0:
-        row_grad_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
+        row_grad_ptr = grad_ptr + _row_offsets(row, seq_len, grad_stride_b, grad_stride_t)
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + cols
@@ -107,37 +232,70 @@ def _scale_grad_kernel(
             tl.store(row_grad_ptr + offs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_SINGLE_CHUNK_MAX = 32768  # elements a program keeps in registers
+_SPLIT_TARGET_PROGRAMS_PER_SM = 16  # the split path aims for about this many programs per SM
+_MAX_SPLITS = 64
+
+
 def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_V, num_warps, programs), from benchmarks/tune_triton.py on an H100 (see benchmarks/NOTES.md).
-
-    One program per row beat a persistent grid of 1, 2 or 4 programs per SM at every standard shape: more rows
-    in flight hide more memory latency than L2 reuse of pass 1's reads saves.
-    """
-    if vocab_size <= 40000:
-        block_v, num_warps = 16384, 16
-    else:
-        block_v, num_warps = 8192, 8
-    block_v = min(block_v, triton.next_power_of_2(max(vocab_size, 16)))
-    num_warps = min(num_warps, max(1, block_v // 256))
-    return block_v, num_warps, max(num_rows, 1)
+    """(BLOCK_V, num_warps, num_splits), from benchmarks/tune_triton.py on an H100 (see benchmarks/NOTES.md)."""
+    if vocab_size <= _SINGLE_CHUNK_MAX:
+        block_v = triton.next_power_of_2(max(vocab_size, 16))
+        return block_v, max(1, min(32, block_v // 1024)), 1
+    block_v, num_warps = 8192, 8
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    wanted = triton.cdiv(_SPLIT_TARGET_PROGRAMS_PER_SM * sms, max(num_rows, 1))
+    # Each split streams at least two chunks, or it would be mostly start-up.
+    num_splits = max(1, min(wanted, _MAX_SPLITS, vocab_size // (2 * block_v)))
+    return block_v, num_warps, num_splits
 
 
-def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int) -> None:
+def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, *, num_splits: int | None = None) -> None:
+    """The contract's launcher; ``num_splits`` overrides the split-path choice (tests and tuning)."""
     batch, seq_len, vocab_size = logits.shape
     num_rows = batch * seq_len
     if num_rows == 0:
         return
     if logits.stride(-1) != 1 or (grad is not None and grad.stride(-1) != 1):
         raise ValueError("logits and grad need unit stride over the vocabulary")
-    block_v, num_warps, programs = _launch_config(vocab_size, num_rows, logits.device)
+    block_v, num_warps, splits = _launch_config(vocab_size, num_rows, logits.device)
+    if num_splits is not None:
+        splits = num_splits
+        if splits > 1:
+            block_v, num_warps = min(block_v, 8192), min(num_warps, 8)
     grad_arg = grad if grad is not None else logits  # never written when COMPUTE_GRAD is False
-    _cross_entropy_fwd_kernel[(programs,)](
-        logits, logits.stride(0), logits.stride(1),
+    common = (logits, logits.stride(0), logits.stride(1))
+    if splits <= 1:
+        _cross_entropy_fwd_kernel[(num_rows,)](
+            *common,
+            targets, targets.stride(0), targets.stride(1),
+            divisor, losses,
+            grad_arg, grad_arg.stride(0), grad_arg.stride(1),
+            seq_len, vocab_size, ignore_index,
+            BLOCK_V=block_v, SINGLE_CHUNK=vocab_size <= block_v, COMPUTE_GRAD=grad is not None,
+            num_warps=num_warps,
+        )
+        return
+    split_len = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
+    splits = triton.cdiv(vocab_size, split_len)
+    partials = torch.empty((num_rows, 2, splits), dtype=torch.float32, device=logits.device)
+    _split_partials_kernel[(num_rows, splits)](
+        *common, partials, seq_len, vocab_size, split_len,
+        NUM_SPLITS=splits, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    _split_finish_kernel[(num_rows, splits)](
+        *common,
         targets, targets.stride(0), targets.stride(1),
         divisor, losses,
         grad_arg, grad_arg.stride(0), grad_arg.stride(1),
-        num_rows, seq_len, vocab_size, ignore_index,
-        BLOCK_V=block_v, COMPUTE_GRAD=grad is not None, num_warps=num_warps,
+        partials, seq_len, vocab_size, split_len, ignore_index,
+        NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), BLOCK_V=block_v,
+        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
 
 
