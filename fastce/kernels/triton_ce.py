@@ -2,7 +2,7 @@
 
 Three shapes of work, chosen by ``_launch_config``:
 
-* single chunk (V <= 32768): a program holds its whole row in registers: one read, one exp per element, one write.
+* single chunk (V <= 16384): a program holds its whole row in registers: one read, one exp per element, one write.
 * row path (many rows): a program streams its row twice. Pass 1 keeps an online log-sum-exp (float32) and reads
   the target logit; pass 2 writes ``(softmax - onehot) / divisor``, walking the row backwards so that the chunks
   pass 1 read last, the ones most likely still in L2, are read again first.
@@ -237,8 +237,9 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_SINGLE_CHUNK_MAX = 32768  # elements a program keeps in registers
-_SPLIT_TARGET_PROGRAMS_PER_SM = 16  # the split path aims for about this many programs per SM
+_SINGLE_CHUNK_MAX = 16384  # elements a program keeps in registers (32768 in 32 warps measured slower than 2 chunks)
+_SPLIT_MAX_ROWS_PER_SM = 2  # fewer rows than this per SM: split the vocabulary
+_SPLIT_TARGET_PROGRAMS_PER_SM = 8  # the split path aims for about this many programs per SM
 _MAX_SPLITS = 64
 
 
@@ -246,9 +247,11 @@ def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tupl
     """(BLOCK_V, num_warps, num_splits), from benchmarks/tune_triton.py on an H100 (see benchmarks/NOTES.md)."""
     if vocab_size <= _SINGLE_CHUNK_MAX:
         block_v = triton.next_power_of_2(max(vocab_size, 16))
-        return block_v, max(1, min(32, block_v // 1024)), 1
-    block_v, num_warps = 8192, 8
+        return block_v, max(1, min(16, block_v // 1024)), 1
+    block_v, num_warps = 16384, 16
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    if num_rows >= _SPLIT_MAX_ROWS_PER_SM * sms:
+        return block_v, num_warps, 1
     wanted = triton.cdiv(_SPLIT_TARGET_PROGRAMS_PER_SM * sms, max(num_rows, 1))
     # Each split streams at least two chunks, or it would be mostly start-up.
     num_splits = max(1, min(wanted, _MAX_SPLITS, vocab_size // (2 * block_v)))
@@ -266,8 +269,6 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
     block_v, num_warps, splits = _launch_config(vocab_size, num_rows, logits.device)
     if num_splits is not None:
         splits = num_splits
-        if splits > 1:
-            block_v, num_warps = min(block_v, 8192), min(num_warps, 8)
     grad_arg = grad if grad is not None else logits  # never written when COMPUTE_GRAD is False
     common = (logits, logits.stride(0), logits.stride(1))
     if splits <= 1:
