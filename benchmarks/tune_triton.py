@@ -43,12 +43,12 @@ def time_fwd_bwd(logits, labels, num_items, **kwargs):
 
 
 def configs(B, T, V, quick):
-    """(BLOCK_V, num_warps, num_splits) candidates for one shape."""
+    """(BLOCK_V, num_warps, num_splits, num_stages) candidates for one shape."""
     if V <= 32768:  # one chunk held in registers, or streamed in two
         block = triton.next_power_of_2(V)
-        return [(block, w, 1) for w in (16, 32)] + [(block // 2, w, 1) for w in (8, 16)]
-    rows = [(b, w, 1) for b, w in itertools.product([8192, 16384], [8, 16])]
-    return rows + [(16384, 16, s) for s in (2, 4, 8)]
+        return [(block, w, 1, 1) for w in (16, 32)] + [(block // 2, w, 1, st) for w in (8, 16) for st in (1, 2)]
+    rows = [(b, w, 1, st) for b, w, st in itertools.product([8192, 16384], [8, 16], [1, 2, 3])]
+    return rows + [(16384, 16, s, 1) for s in (2, 4, 8)]
 
 
 def time_kernel_only(logits, labels, config):
@@ -60,8 +60,8 @@ def time_kernel_only(logits, labels, config):
     divisor = torch.tensor(1000.0, dtype=torch.float64, device="cuda")
     losses = torch.empty(B, T, device="cuda")
     grad = torch.empty_like(logits)
-    block, warps, splits = config
-    k._launch_config = lambda *a: (block, warps, 1)
+    block, warps, splits, stages = config
+    k._launch_config = lambda *a: (block, warps, 1, stages)
     try:
         return triton.testing.do_bench(
             lambda: k.cross_entropy_fwd(logits.detach(), targets, divisor, losses, grad, -100, num_splits=splits),
@@ -139,7 +139,7 @@ def main():
                 triton_ce._launch_config = default_config
             kernel_ms = time_kernel_only(logits, labels, config)
             results.append((ms, config))
-            print(f"  BLOCK_V={config[0]:6d} warps={config[1]:2d} splits={config[2]:2d}: {ms:.3f} ms "
+            print(f"  BLOCK_V={config[0]:6d} warps={config[1]:2d} splits={config[2]:2d} stages={config[3]}: {ms:.3f} ms "
                   f"({floor_ms / ms:.0%}); kernel alone {kernel_ms:.3f} ms ({floor_ms / kernel_ms:.0%})", flush=True)
         best = min(results)
         print(f"  best: {best[0]:.3f} ms {best[1]}", flush=True)

@@ -39,12 +39,12 @@ def _chunk_max_sum(x, running_max, running_sum):
 
 
 @triton.jit
-def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr):
-    """Online (max, sum of exps) of ``row[lo:hi]``, float32."""
+def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Online (max, sum of exps) of ``row[lo:hi]``, float32; NUM_STAGES chunks in flight (software pipelining)."""
     cols = tl.arange(0, BLOCK_V)
     running_max = tl.full([], -float("inf"), tl.float32)
     running_sum = tl.zeros([], tl.float32)
-    for start in range(lo, hi, BLOCK_V):
+    for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
         x = tl.load(row_logits_ptr + offs, mask=offs < hi, other=-float("inf")).to(tl.float32)
         running_max, running_sum = _chunk_max_sum(x, running_max, running_sum)
@@ -52,11 +52,12 @@ def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, grad_scale, BLOCK_V: tl.constexpr):
+def _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, grad_scale, BLOCK_V: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
     """grad[lo:hi] = (exp(x - lse) - onehot(target)) * grad_scale, last chunk first (see the module docstring)."""
     cols = tl.arange(0, BLOCK_V)
     num_chunks = tl.cdiv(hi - lo, BLOCK_V)
-    for i in range(num_chunks):
+    for i in tl.range(num_chunks, num_stages=NUM_STAGES):
         offs = lo + (num_chunks - 1 - i) * BLOCK_V + cols
         mask = offs < hi
         x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -106,6 +107,7 @@ def _cross_entropy_fwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary chunk streamed per step; SINGLE_CHUNK: the whole row
     SINGLE_CHUNK: tl.constexpr,  # V <= BLOCK_V: keep the row in registers (one read, one exp per element)
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no_grad / evaluation)
+    NUM_STAGES: tl.constexpr,  # chunks of a row in flight in the streaming loops
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
@@ -129,11 +131,12 @@ def _cross_entropy_fwd_kernel(
             grad = tl.where(cols == target, prob - 1.0, prob) * grad_scale
             tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
-        row_max, row_sum = _max_sum(row_logits_ptr, 0, vocab_size, BLOCK_V)
+        row_max, row_sum = _max_sum(row_logits_ptr, 0, vocab_size, BLOCK_V, NUM_STAGES)
         lse = row_max + tl.log(row_sum)
         tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
         if COMPUTE_GRAD:
-            _write_grad(row_logits_ptr, row_grad_ptr, 0, vocab_size, lse, target, _grad_scale(divisor_ptr), BLOCK_V)
+            _write_grad(row_logits_ptr, row_grad_ptr, 0, vocab_size, lse, target, _grad_scale(divisor_ptr), BLOCK_V,
+                        NUM_STAGES)
 
 
 @triton.jit
@@ -147,13 +150,14 @@ def _split_partials_kernel(
     split_len,  # elements per split, a multiple of BLOCK_V
     NUM_SPLITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, vocab_size)
-    split_max, split_sum = _max_sum(row_logits_ptr, lo, hi, BLOCK_V)
+    split_max, split_sum = _max_sum(row_logits_ptr, lo, hi, BLOCK_V, NUM_STAGES)
     tl.store(partials_ptr + row * 2 * NUM_SPLITS + split, split_max)
     tl.store(partials_ptr + row * 2 * NUM_SPLITS + NUM_SPLITS + split, split_sum)
 
@@ -180,6 +184,7 @@ def _split_finish_kernel(
     SPLITS_POW2: tl.constexpr,  # NUM_SPLITS rounded up to a power of two (tl.arange needs one)
     BLOCK_V: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -204,7 +209,8 @@ def _split_finish_kernel(
         if split == 0:
             tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
         if COMPUTE_GRAD:
-            _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, _grad_scale(divisor_ptr), BLOCK_V)
+            _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, _grad_scale(divisor_ptr), BLOCK_V,
+                        NUM_STAGES)
 
 
 @triton.jit
@@ -243,19 +249,19 @@ _SPLIT_TARGET_PROGRAMS_PER_SM = 8  # the split path aims for about this many pro
 _MAX_SPLITS = 64
 
 
-def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_V, num_warps, num_splits), from benchmarks/tune_triton.py on an H100 (see benchmarks/NOTES.md)."""
+def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_V, num_warps, num_splits, num_stages), from benchmarks/tune_triton.py on an H100 (benchmarks/NOTES.md)."""
     if vocab_size <= _SINGLE_CHUNK_MAX:
         block_v = triton.next_power_of_2(max(vocab_size, 16))
-        return block_v, max(1, min(16, block_v // 1024)), 1
-    block_v, num_warps = 16384, 16
+        return block_v, max(1, min(16, block_v // 1024)), 1, 1
+    block_v, num_warps, num_stages = 16384, 16, 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
     if num_rows >= _SPLIT_MAX_ROWS_PER_SM * sms:
-        return block_v, num_warps, 1
+        return block_v, num_warps, 1, num_stages
     wanted = triton.cdiv(_SPLIT_TARGET_PROGRAMS_PER_SM * sms, max(num_rows, 1))
     # Each split streams at least two chunks, or it would be mostly start-up.
     num_splits = max(1, min(wanted, _MAX_SPLITS, vocab_size // (2 * block_v)))
-    return block_v, num_warps, num_splits
+    return block_v, num_warps, num_splits, num_stages
 
 
 def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, *, num_splits: int | None = None) -> None:
@@ -266,7 +272,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
         return
     if logits.stride(-1) != 1 or (grad is not None and grad.stride(-1) != 1):
         raise ValueError("logits and grad need unit stride over the vocabulary")
-    block_v, num_warps, splits = _launch_config(vocab_size, num_rows, logits.device)
+    block_v, num_warps, splits, num_stages = _launch_config(vocab_size, num_rows, logits.device)
     if num_splits is not None:
         splits = num_splits
     grad_arg = grad if grad is not None else logits  # never written when COMPUTE_GRAD is False
@@ -279,7 +285,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
             grad_arg, grad_arg.stride(0), grad_arg.stride(1),
             seq_len, vocab_size, ignore_index,
             BLOCK_V=block_v, SINGLE_CHUNK=vocab_size <= block_v, COMPUTE_GRAD=grad is not None,
-            num_warps=num_warps,
+            NUM_STAGES=num_stages, num_warps=num_warps,
         )
         return
     split_len = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
@@ -287,7 +293,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
     partials = torch.empty((num_rows, 2, splits), dtype=torch.float32, device=logits.device)
     _split_partials_kernel[(num_rows, splits)](
         *common, partials, seq_len, vocab_size, split_len,
-        NUM_SPLITS=splits, BLOCK_V=block_v, num_warps=num_warps,
+        NUM_SPLITS=splits, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     _split_finish_kernel[(num_rows, splits)](
         *common,
@@ -296,7 +302,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
         grad_arg, grad_arg.stride(0), grad_arg.stride(1),
         partials, seq_len, vocab_size, split_len, ignore_index,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), BLOCK_V=block_v,
-        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, num_warps=num_warps,
     )
 
 
