@@ -15,18 +15,37 @@ from . import ops
 
 def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
     # float64 sum: deterministic, and exact enough that the loss's relative error stays far below 1e-6.
-    safe_divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return (losses.sum(dtype=torch.float64) / safe_divisor).float()
+    # A zero divisor divides by 1 (the sum is then 0 unless the caller's count was wrong; NaN still propagates).
+    return (losses.sum(dtype=torch.float64) / torch.where(divisor == 0, 1.0, divisor)).float()
+
+
+def _fwd(*args):
+    # Custom op under torch.compile (one opaque node), its Python implementation in eager mode (no dispatcher cost).
+    return (ops.cross_entropy_fwd if torch.compiler.is_compiling() else ops.cross_entropy_fwd_impl)(*args)
+
+
+def _fwd_inplace(logits, *args):
+    if torch.compiler.is_compiling():
+        return ops.cross_entropy_fwd_inplace(logits, *args)
+    losses = ops.cross_entropy_fwd_inplace_impl(logits, *args)
+    # What the custom op's mutates_args would have done: anything that saved the logits for its own backward
+    # now fails autograd's version check instead of reading a gradient.
+    torch.autograd.graph.increment_version(logits)
+    return losses
+
+
+def _scale_grad(*args):
+    return (ops.scale_grad_ if torch.compiler.is_compiling() else ops.scale_grad_impl)(*args)
 
 
 class FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend):
         if inplace:
-            losses = ops.cross_entropy_fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
+            losses = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
             grad = logits
         else:
-            losses, grad = ops.cross_entropy_fwd(logits, targets, divisor, ignore_index, True, validate, backend)
+            losses, grad = _fwd(logits, targets, divisor, ignore_index, True, validate, backend)
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.backward_done = False
@@ -39,7 +58,7 @@ class FusedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
-        ops.scale_grad_(grad, grad_output, ctx.backend)
+        _scale_grad(grad, grad_output, ctx.backend)
         return grad, None, None, None, None, None, None, None
 
 
@@ -62,5 +81,5 @@ def fused_cross_entropy(
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return FusedCrossEntropy.apply(logits, targets, divisor, ignore_index, reduce, inplace, validate, backend)
-    losses, _ = ops.cross_entropy_fwd(logits, targets, divisor, ignore_index, False, validate, backend)
+    losses, _ = _fwd(logits, targets, divisor, ignore_index, False, validate, backend)
     return _sum_over(losses, divisor) if reduce else losses

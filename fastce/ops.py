@@ -1,9 +1,13 @@
 """Torch custom ops over the kernels: validate, allocate, launch. No autograd here (see ``function.py``).
 
 Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` treats each as one opaque node
-(with a fake implementation for tracing) instead of breaking the graph.
+(with a fake implementation for tracing) instead of breaking the graph. In eager mode ``function.py`` calls the
+same Python implementations directly (``*_impl``): the custom-op dispatcher costs ~50-100 us of host time a call,
+as much as the kernel at small shapes.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -60,11 +64,16 @@ class _OverlappedValidation:
     known is harmless; its outputs are dropped when the check raises.
     """
 
+    _buffers = threading.local()  # one pinned flag and one event per thread, reused: allocating them costs more
+
     def __init__(self, targets: Tensor, vocab_size: int, ignore_index: int):
         self.args = (targets, vocab_size, ignore_index)
-        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        buffers = self._buffers
+        if not hasattr(buffers, "flag"):
+            buffers.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            buffers.ready = torch.cuda.Event()
+        self.flag, self.ready = buffers.flag, buffers.ready
         self.flag.copy_(_bad_targets(*self.args).any(), non_blocking=True)
-        self.ready = torch.cuda.Event()
         self.ready.record()
 
     def check(self) -> None:
@@ -83,8 +92,7 @@ def _start_validation(validate: bool, targets: Tensor, vocab_size: int, ignore_i
     return None
 
 
-@torch.library.custom_op("fastce::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(
+def cross_entropy_fwd_impl(
     logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
@@ -99,14 +107,16 @@ def cross_entropy_fwd(
     return losses, grad
 
 
+cross_entropy_fwd = torch.library.custom_op("fastce::cross_entropy_fwd", cross_entropy_fwd_impl, mutates_args=())
+
+
 @cross_entropy_fwd.register_fake
 def _(logits, targets, divisor, ignore_index, compute_grad, validate, backend):
     losses = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
     return losses, logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
 
 
-@torch.library.custom_op("fastce::cross_entropy_fwd_inplace", mutates_args=("logits",))
-def cross_entropy_fwd_inplace(
+def cross_entropy_fwd_inplace_impl(
     logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
 ) -> Tensor:
     """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``."""
@@ -118,17 +128,24 @@ def cross_entropy_fwd_inplace(
     return losses
 
 
+cross_entropy_fwd_inplace = torch.library.custom_op(
+    "fastce::cross_entropy_fwd_inplace", cross_entropy_fwd_inplace_impl, mutates_args=("logits",)
+)
+
+
 @cross_entropy_fwd_inplace.register_fake
 def _(logits, targets, divisor, ignore_index, validate, backend):
     return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastce::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
+def scale_grad_impl(grad: Tensor, grad_output: Tensor, backend: str) -> None:
     """``grad *= grad_output`` row by row (``grad_output`` 0-dim or ``[B, T]``), skipping factors equal to 1 on the device."""
     if grad_output.dim() not in (0, 2):
         raise ValueError(f"grad_output must be 0-dim or [B, T], got {tuple(grad_output.shape)}")
     kernels(backend).scale_grad_(grad, grad_output.to(device=grad.device, dtype=torch.float32))
+
+
+scale_grad_ = torch.library.custom_op("fastce::scale_grad_", scale_grad_impl, mutates_args=("grad",))
 
 
 @scale_grad_.register_fake
