@@ -21,6 +21,23 @@ def cross_entropy_reference(
     return torch.where(ignored, torch.zeros_like(loss), loss)
 
 
+def cross_entropy_grad_reference(
+    logits: torch.Tensor, targets: torch.Tensor, divisor: float = 1.0, ignore_index: int = -100
+) -> torch.Tensor:
+    """Float64 ``(softmax - onehot(target)) / divisor`` per row: the kernels' gradient (see fastce/kernels).
+
+    0 on ignored rows; no one-hot on rows whose target is outside ``[0, V)``; a zero divisor divides by 1.
+    """
+    x = logits.double()
+    targets = targets.to(x.device).long()
+    in_range = (targets >= 0) & (targets < x.shape[-1])
+    onehot = torch.zeros_like(x).scatter_(
+        -1, torch.where(in_range, targets, 0).unsqueeze(-1), in_range.double().unsqueeze(-1)
+    )
+    grad = (torch.softmax(x, dim=-1) - onehot) / (divisor if divisor != 0 else 1.0)
+    return grad.masked_fill((targets == ignore_index).unsqueeze(-1), 0.0)
+
+
 def causal_lm_loss_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,

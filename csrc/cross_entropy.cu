@@ -1,0 +1,267 @@
+// Fused shifted cross-entropy: host entry points of the fastce_cuda ops. They check the arguments, choose the
+// launch (row path or split path, grid sizes: see cross_entropy_kernels.cuh for the kernels) and launch on the
+// current stream.
+#include "cross_entropy.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "cross_entropy_kernels.cuh"
+
+namespace fastce {
+namespace {
+
+// Row path with a gradient: blocks per SM are chosen so that the rows in flight (grid size x row bytes) take at most
+// this share of the L2 cache, for pass 2 to re-read from L2 rather than from memory; but never fewer than
+// kMinRowBlocksPerSm, which keeps enough loads in flight to hide memory latency.
+constexpr double kL2Share = 0.5;
+constexpr int kMinRowBlocksPerSm = 2;
+// The row path is kept while its rows fill at least this share of the block slots over all their waves
+// (N / (waves x slots)); below it, each row's vocabulary is split over several blocks, as few as fill this share.
+constexpr double kMinWaveFill = 0.75;
+// A split holds at least this many 16-byte vectors per thread (fewer would make each block mostly start-up).
+constexpr int kMinSplitVecsPerThread = 2;
+constexpr int kMaxSplits = 1024;
+// Split lengths are multiples of this many elements (128 bytes or more), so every split of a row starts with the
+// same 16-byte alignment as the row itself.
+constexpr int kSplitAlign = 64;
+
+// float32, float16 and bfloat16 (AT_DISPATCH_FLOATING_TYPES_AND2 without float64, which the contract excludes).
+#define FASTCE_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct DeviceInfo {
+  int num_sms;
+  int l2_bytes;
+};
+
+DeviceInfo device_info(int device) {
+  DeviceInfo info{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.l2_bytes, cudaDevAttrL2CacheSize, device));
+  return info;
+}
+
+// Resident blocks per SM of `kernel` (at kThreads threads), asked once per kernel: only launch sizes depend on it.
+template <auto kernel>
+int max_blocks_per_sm() {
+  static const int blocks = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    return std::max(n, 1);
+  }();
+  return blocks;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The share of `slots` that `blocks` use over the waves they take.
+double wave_fill(int64_t blocks, int64_t slots) {
+  return static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
+}
+
+// A positive integer from the environment, or 0 when unset or empty. Read at every launch (a getenv), so tests
+// and tuning sessions can change it between calls.
+int64_t env_override(const char* name) {
+  const char* value = std::getenv(name);
+  return (value != nullptr && *value != '\0') ? std::max<int64_t>(std::atoll(value), 1) : 0;
+}
+
+struct SplitPlan {
+  int num_splits;  // vocabulary splits per row; 1 is the row path
+  int split_len;   // elements per split, a multiple of kSplitAlign (the last split may be shorter)
+};
+
+// Splits per row: 1 (the row path) while the rows fill the row path's block slots well, else the fewest splits
+// that fill the split kernels' slots well (or the best filling). FASTCE_CUDA_NUM_SPLITS=n forces about n (1 forces
+// the row path), for tests and tuning.
+SplitPlan choose_splits(int64_t num_rows, int vocab, int64_t row_slots, int64_t split_slots, int vec_size) {
+  int64_t splits = env_override("FASTCE_CUDA_NUM_SPLITS");
+  if (splits == 0) {
+    if (wave_fill(num_rows, row_slots) >= kMinWaveFill) return {1, vocab};
+    const int64_t min_split_len = static_cast<int64_t>(kThreads) * vec_size * kMinSplitVecsPerThread;
+    const int64_t max_splits = std::clamp<int64_t>(vocab / min_split_len, 1, kMaxSplits);
+    splits = 1;
+    for (int64_t s = 2; s <= max_splits && wave_fill(num_rows * splits, split_slots) < kMinWaveFill; ++s) {
+      if (wave_fill(num_rows * s, split_slots) > wave_fill(num_rows * splits, split_slots)) splits = s;
+    }
+  }
+  // Splits of a whole number of kSplitAlign elements, none of them empty.
+  const int64_t split_len = ceil_div(ceil_div(vocab, splits), kSplitAlign) * kSplitAlign;
+  splits = ceil_div(vocab, split_len);
+  if (splits == 1 || num_rows * splits > INT32_MAX) return {1, vocab};  // the grid limit: plenty of rows anyway
+  return {static_cast<int>(splits), static_cast<int>(split_len)};
+}
+
+template <typename scalar_t, typename target_t>
+void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaStream_t stream) {
+  const bool write_grad = p.grad != nullptr;
+  const DeviceInfo dev = device_info(logits.get_device());
+
+  // Row path: blocks per SM, from the L2 budget when there is a pass 2 (FASTCE_CUDA_ROW_BLOCKS_PER_SM=n forces n).
+  const int64_t rows_occupancy = write_grad ? max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, true>>()
+                                            : max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, false>>();
+  int64_t row_blocks_per_sm = env_override("FASTCE_CUDA_ROW_BLOCKS_PER_SM");
+  if (row_blocks_per_sm == 0) {
+    const int64_t row_bytes = static_cast<int64_t>(p.vocab) * sizeof(typename Elem<scalar_t>::Bits);
+    const int64_t fitting_in_l2 = static_cast<int64_t>(dev.l2_bytes * kL2Share) / (dev.num_sms * row_bytes);
+    row_blocks_per_sm = write_grad ? std::max<int64_t>(fitting_in_l2, kMinRowBlocksPerSm) : rows_occupancy;
+  }
+  const int64_t row_slots = dev.num_sms * std::min(row_blocks_per_sm, rows_occupancy);
+  const int64_t split_slots = dev.num_sms * max_blocks_per_sm<split_stats_kernel<scalar_t, target_t>>();
+  const SplitPlan plan = choose_splits(p.num_rows, p.vocab, row_slots, split_slots, Vec<scalar_t>::kSize);
+
+  if (plan.num_splits == 1) {
+    const auto grid = static_cast<unsigned int>(std::min(p.num_rows, row_slots));
+    if (write_grad) {
+      cross_entropy_rows_kernel<scalar_t, target_t, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      cross_entropy_rows_kernel<scalar_t, target_t, false><<<grid, kThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: (max, sum) per (row, split), then the target logit per row; float32, from the caching allocator.
+  p.num_splits = plan.num_splits;
+  p.split_len = plan.split_len;
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(p.split_len) * (p.num_splits - 1) < p.vocab &&
+                            static_cast<int64_t>(p.split_len) * p.num_splits >= p.vocab,
+                        "vocabulary splits do not tile the row");
+  const at::Tensor workspace = at::empty({p.num_rows * (2 * p.num_splits + 1)}, logits.options().dtype(at::kFloat));
+  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
+  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * p.num_splits;
+
+  const auto split_blocks = static_cast<unsigned int>(p.num_rows * p.num_splits);
+  split_stats_kernel<scalar_t, target_t><<<split_blocks, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (write_grad) {
+    split_finish_kernel<scalar_t, target_t, true><<<split_blocks, kThreads, 0, stream>>>(p);
+  } else {
+    split_finish_kernel<scalar_t, target_t, false><<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// logits, or a gradient: a CUDA [B, T, V] float32/float16/bfloat16 tensor with unit stride over V.
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [B, T, V], got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(t.stride(2) == 1, op, ": ", name, " must have stride(-1) == 1, got strides ", t.strides());
+  TORCH_CHECK(t.size(2) <= kMaxVocab, op, ": the vocabulary size must be at most 2^30, got ", t.size(2));
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), " like the logits, got ",
+              t.device());
+}
+
+}  // namespace
+
+void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& divisor,
+                       const at::Tensor& losses, const std::optional<at::Tensor>& grad, int64_t ignore_index) {
+  constexpr const char* op = "fastce_cuda::cross_entropy_fwd";
+  check_rows(logits, op, "logits");
+  const int64_t batch = logits.size(0), seq_len = logits.size(1), vocab = logits.size(2);
+  TORCH_CHECK(vocab > 0, op, ": the vocabulary is empty");
+
+  check_same_device(targets, logits, op, "targets");
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
+              ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == batch && targets.size(1) == seq_len, op,
+              ": targets must be [B, T] = [", batch, ", ", seq_len, "], got ", targets.sizes());
+  check_same_device(divisor, logits, op, "divisor");
+  TORCH_CHECK(divisor.dim() == 0 && divisor.scalar_type() == at::kDouble, op,
+              ": divisor must be a 0-dim float64 tensor, got ", divisor.scalar_type(), " of shape ", divisor.sizes());
+  check_same_device(losses, logits, op, "losses");
+  TORCH_CHECK(losses.scalar_type() == at::kFloat, op, ": losses must be float32, got ", losses.scalar_type());
+  TORCH_CHECK(losses.dim() == 2 && losses.size(0) == batch && losses.size(1) == seq_len && losses.is_contiguous(), op,
+              ": losses must be a contiguous [B, T] = [", batch, ", ", seq_len, "] tensor, got shape ", losses.sizes(),
+              " and strides ", losses.strides());
+  if (grad.has_value()) {
+    const at::Tensor& g = *grad;
+    check_same_device(g, logits, op, "grad");
+    TORCH_CHECK(g.scalar_type() == logits.scalar_type(), op, ": grad must have the logits' dtype ",
+                logits.scalar_type(), ", got ", g.scalar_type());
+    TORCH_CHECK(g.sizes() == logits.sizes(), op, ": grad must have the logits' shape ", logits.sizes(), ", got ",
+                g.sizes());
+    TORCH_CHECK(g.stride(2) == 1, op, ": grad must have stride(-1) == 1, got strides ", g.strides());
+    // In place means grad *is* the logits (same start, same strides); any other overlap would race.
+    const bool same_view = g.data_ptr() == logits.data_ptr() && g.strides() == logits.strides();
+    TORCH_CHECK(same_view || at::get_overlap_status(g, logits) != at::MemOverlapStatus::Partial, op,
+                ": grad must be the logits themselves or not overlap them");
+  }
+  const int64_t num_rows = batch * seq_len;
+  if (num_rows == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  CrossEntropyParams p{};
+  p.logits = logits.data_ptr();
+  p.logits_stride_b = logits.stride(0);
+  p.logits_stride_t = logits.stride(1);
+  p.targets = targets.data_ptr();
+  p.targets_stride_b = targets.stride(0);
+  p.targets_stride_t = targets.stride(1);
+  p.divisor = divisor.data_ptr<double>();
+  p.losses = losses.data_ptr<float>();
+  p.grad = grad.has_value() ? grad->data_ptr() : nullptr;
+  p.grad_stride_b = grad.has_value() ? grad->stride(0) : 0;
+  p.grad_stride_t = grad.has_value() ? grad->stride(1) : 0;
+  p.num_rows = num_rows;
+  p.seq_len = seq_len;
+  p.ignore_index = ignore_index;
+  p.vocab = static_cast<int>(vocab);
+  FASTCE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "fastce_cross_entropy_fwd", [&] {
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "fastce_cross_entropy_fwd_targets",
+                            [&] { launch_cross_entropy<scalar_t, index_t>(p, logits, stream); });
+  });
+}
+
+void scale_grad_(const at::Tensor& grad, const at::Tensor& grad_output) {
+  constexpr const char* op = "fastce_cuda::scale_grad_";
+  check_rows(grad, op, "grad");
+  const int64_t batch = grad.size(0), seq_len = grad.size(1), vocab = grad.size(2);
+  check_same_device(grad_output, grad, op, "grad_output");
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat, op, ": grad_output must be float32, got ",
+              grad_output.scalar_type());
+  const bool per_row = grad_output.dim() == 2;
+  TORCH_CHECK(grad_output.dim() == 0 || (per_row && grad_output.size(0) == batch && grad_output.size(1) == seq_len),
+              op, ": grad_output must be 0-dim or [B, T] = [", batch, ", ", seq_len, "], got ", grad_output.sizes());
+  const int64_t num_rows = batch * seq_len;
+  if (num_rows == 0 || vocab == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const DeviceInfo dev = device_info(grad.get_device());
+  ScaleParams p{};
+  p.grad = grad.data_ptr();
+  p.grad_stride_b = grad.stride(0);
+  p.grad_stride_t = grad.stride(1);
+  p.grad_output = grad_output.data_ptr<float>();
+  p.grad_output_stride_b = per_row ? grad_output.stride(0) : 0;
+  p.grad_output_stride_t = per_row ? grad_output.stride(1) : 0;
+  p.num_rows = num_rows;
+  p.seq_len = seq_len;
+  p.vocab = static_cast<int>(vocab);
+  FASTCE_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "fastce_scale_grad_", [&] {
+    const int64_t slots = static_cast<int64_t>(dev.num_sms) * max_blocks_per_sm<scale_grad_kernel<scalar_t>>();
+    const auto grid = static_cast<unsigned int>(std::min(num_rows, slots));
+    scale_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace fastce

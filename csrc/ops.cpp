@@ -1,0 +1,29 @@
+// Registers the fastce_cuda ops with the dispatcher (schemas here, CUDA kernels in cross_entropy.cu) and makes this
+// library importable as the Python module fastce._C: importing it runs the registrations (see pytorch/extension-cpp).
+// Fake (meta) implementations are registered from Python, in fastce/kernels/cuda_ce.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cross_entropy.h"
+
+extern "C" {
+// A module without methods: the ops are reached through torch.ops.fastce_cuda, not through this module.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastce_cuda, m) {
+  // Out-variants: they allocate nothing and return nothing; grad is None for a forward-only call.
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor targets, Tensor divisor, Tensor(a!) losses, Tensor(b!)? grad, "
+      "int ignore_index) -> ()");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {
+  m.impl("cross_entropy_fwd", &fastce::cross_entropy_fwd);
+  m.impl("scale_grad_", &fastce::scale_grad_);
+}

@@ -1,0 +1,145 @@
+"""CUDA C++ backend: launchers for the kernels in ``csrc/``, which run as the ops ``torch.ops.fastce_cuda.*``.
+
+Same contract as the other backends (see ``fastce/kernels/__init__.py``). The ops live in the compiled library
+``fastce._C``, which ``setup.py`` builds when a CUDA toolchain is present at install time. Importing this module
+loads and compiles nothing; ``load_extension()`` (called by the launchers and by ``unavailable_reason()``) imports
+``fastce._C`` or, if it was not built but a GPU, nvcc and the ``csrc/`` sources are here, compiles it just in time
+(once: torch caches the build).
+
+Launch tuning, read from the environment at every launch (defaults come from the SM count and the L2 size):
+``FASTCE_CUDA_NUM_SPLITS=n`` cuts each row's vocabulary into about n blocks (1: one block per row), and
+``FASTCE_CUDA_ROW_BLOCKS_PER_SM=n`` sets the blocks per SM of the one-block-per-row path.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source checkout or an editable install
+
+# What load_extension found: None before it ran, "" once the ops are loaded, else why they cannot be. A plain
+# global rather than functools.lru_cache, which torch.compile warns about.
+_load_error: str | None = None
+
+
+def load_extension() -> None:
+    """Load the ``fastce_cuda`` ops and register their fake implementations, once.
+
+    Raises ``RuntimeError`` saying why the ops cannot be loaded; the outcome is remembered, so a failed
+    just-in-time build is not retried at every call.
+    """
+    global _load_error
+    if _load_error is None:
+        try:
+            _import_or_build()
+            _register_fakes()
+            _load_error = ""
+        except (ImportError, OSError, RuntimeError) as exc:
+            _load_error = str(exc)
+    if _load_error:
+        raise RuntimeError(_load_error)
+
+
+def unavailable_reason() -> str | None:
+    """None when the CUDA backend can run here; otherwise a sentence saying why not."""
+    try:
+        load_extension()
+    except RuntimeError as exc:
+        return str(exc)
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False): fastce._C is loaded, but its kernels need a GPU"
+    return None
+
+
+def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int) -> None:
+    load_extension()
+    torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index)
+
+
+def scale_grad_(grad, grad_output) -> None:
+    load_extension()
+    torch.ops.fastce_cuda.scale_grad_(grad, grad_output)
+
+
+def _import_or_build() -> None:
+    try:
+        importlib.import_module("fastce._C")  # runs the library's TORCH_LIBRARY registrations
+        return
+    except ModuleNotFoundError:
+        not_built = "fastce._C was not built (no CUDA toolchain at install time, or FASTCE_SKIP_CUDA_BUILD=1)"
+    except ImportError as exc:
+        raise RuntimeError(
+            f"fastce._C is installed but cannot be loaded ({exc}); it was probably built against another torch: "
+            "reinstall fastce"
+        ) from exc
+    reason = _just_in_time_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"{not_built}; {reason}")
+    _build_just_in_time()
+
+
+def _just_in_time_unavailable_reason() -> str | None:
+    if os.environ.get("FASTCE_SKIP_CUDA_BUILD", "0") == "1":
+        return "FASTCE_SKIP_CUDA_BUILD=1 also turns off building it just in time"
+    if not torch.cuda.is_available():
+        return "it is built just in time only where CUDA is available"
+    if not (_CSRC / "cross_entropy.cu").is_file():
+        return f"its sources ({_CSRC}) are not part of this install: reinstall fastce from source with nvcc present"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolchain was found to build it just in time: set CUDA_HOME to the folder holding bin/nvcc"
+    return None
+
+
+def _build_just_in_time() -> None:
+    from torch.utils import cpp_extension
+
+    warnings.warn(
+        "fastce: the CUDA extension fastce._C was not built at install time; compiling it now for this GPU "
+        "(a few minutes, once: torch caches the build)",
+        stacklevel=4,
+    )
+    cpp_extension.load(
+        name="fastce_cuda_jit",
+        sources=[str(path) for path in sorted(_CSRC.glob("*.cpp")) + sorted(_CSRC.glob("*.cu"))],
+        extra_include_paths=[str(_CSRC)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        is_python_module=False,  # loaded as a plain library: its static initialisers register the ops
+    )
+
+
+def _register_fakes() -> None:
+    """Fake implementations for tracing (torch.compile, FakeTensorMode, meta tensors). The ops write into their
+    arguments and return nothing, so a fake only checks what the CUDA launcher checks about shapes and dtypes."""
+
+    @torch.library.register_fake("fastce_cuda::cross_entropy_fwd")
+    def _(logits, targets, divisor, losses, grad, ignore_index):
+        torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+        torch._check(
+            tuple(targets.shape) == tuple(logits.shape[:2]),
+            lambda: f"targets must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}",
+        )
+        torch._check(
+            losses.dtype == torch.float32 and tuple(losses.shape) == tuple(logits.shape[:2]),
+            lambda: f"losses must be float32 [B, T], got {losses.dtype} {tuple(losses.shape)}",
+        )
+        if grad is not None:
+            torch._check(
+                grad.dtype == logits.dtype and tuple(grad.shape) == tuple(logits.shape),
+                lambda: f"grad must match the logits' dtype and shape, got {grad.dtype} {tuple(grad.shape)}",
+            )
+
+    @torch.library.register_fake("fastce_cuda::scale_grad_")
+    def _(grad, grad_output):
+        torch._check(grad.dim() == 3, lambda: f"grad must be [B, T, V], got shape {tuple(grad.shape)}")
+        torch._check(
+            grad_output.dtype == torch.float32
+            and (grad_output.dim() == 0 or tuple(grad_output.shape) == tuple(grad.shape[:2])),
+            lambda: f"grad_output must be float32, 0-dim or [B, T], got {grad_output.dtype} {tuple(grad_output.shape)}",
+        )

@@ -1,0 +1,64 @@
+"""Small launches of every CUDA kernel, for compute-sanitizer (not collected by pytest):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/gpu_memcheck_case.py
+
+Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read one element past a row as
+out of bounds. The cases include out-of-range and ignored targets, odd vocabularies, sliced rows, in-place
+gradients, both launch paths (one block per row; the vocabulary split over blocks) and scale_grad_. Exits non-zero
+if a result is wrong; memcheck reports any bad access on its own.
+"""
+import os
+
+import torch
+
+from fastce.kernels import cuda_ce
+
+IGNORE = -100
+
+
+def run_case(B, T, V, dtype, splits, inplace, slice_rows):
+    """splits: vocabulary splits per row, forced through FASTCE_CUDA_NUM_SPLITS (read at every launch); None: auto."""
+    if splits is None:
+        os.environ.pop("FASTCE_CUDA_NUM_SPLITS", None)
+    else:
+        os.environ["FASTCE_CUDA_NUM_SPLITS"] = str(splits)
+    full = torch.randn(B, T + slice_rows, V, device="cuda", dtype=torch.float32).mul_(3).to(dtype)
+    logits = full[:, slice_rows:]  # rows of a slice: not 16-byte aligned when V is odd
+    targets = torch.randint(0, V, (B, T), device="cuda")
+    targets[0, 0] = V  # out of range (above)
+    targets[-1, -1] = -1  # out of range (below), not the ignore index
+    if B * T > 2:
+        targets[0, 1] = IGNORE
+        targets[-1, 0] = 2**40
+    expected = torch.logsumexp(logits.double(), -1) - logits.double().gather(
+        -1, targets.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+    losses = torch.full((B, T), float("nan"), device="cuda")
+    grad = logits if inplace else torch.full_like(logits, float("nan"))
+    divisor = torch.tensor(3.0, dtype=torch.float64, device="cuda")
+    cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
+    cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses.clone(), None, IGNORE)  # forward only
+    cuda_ce.scale_grad_(grad, torch.rand(B, T, device="cuda") + 0.5)
+    cuda_ce.scale_grad_(grad, torch.tensor(1.0, device="cuda"))
+    torch.cuda.synchronize()
+    in_range = (targets >= 0) & (targets < V)
+    ignored = targets == IGNORE
+    assert torch.isnan(losses[~in_range & ~ignored]).all(), "an out-of-range target must give a NaN loss"
+    assert (losses[ignored] == 0).all()
+    torch.testing.assert_close(losses[in_range].double(), expected[in_range], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all(), "gradient not written everywhere"
+
+
+def main():
+    torch.manual_seed(0)
+    cuda_ce.load_extension()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for V, splits in [(1, 1), (7, 1), (1001, 1), (1001, 3), (40003, 1), (40003, 4)]:
+            for inplace in (False, True):
+                run_case(2, 3, V, dtype, splits, inplace, slice_rows=1)
+    run_case(1, 1, 5, torch.bfloat16, None, False, slice_rows=0)
+    run_case(2, 4, 256000, torch.bfloat16, None, True, slice_rows=0)  # few rows: split by default
+    print("memcheck cases ran: compute-sanitizer's summary above says whether any access was bad")
+
+
+if __name__ == "__main__":
+    main()
