@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "cross_entropy_kernels.cuh"
 
@@ -152,20 +153,33 @@ void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Numbers and shapes in error messages are formatted with std::to_string, never streamed: a toolchain that links its
+// own copy of libstdc++ into the extension (the H100 image's /opt/gcc does) crashed streaming an integer into
+// c10's message stream (a locale facet from the other copy). Strings and C strings stream safely.
+std::string str(int64_t value) { return std::to_string(value); }
+
+std::string str(c10::IntArrayRef values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? ", " : "") + std::to_string(values[i]);
+  return out + "]";
+}
+
+std::string str(const c10::Device& device) { return device.str(); }
+
 // logits, or a gradient: a CUDA [B, T, V] float32/float16/bfloat16 tensor with unit stride over V.
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [B, T, V], got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", str(t.device()));
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [B, T, V], got shape ", str(t.sizes()));
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
               " must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(t.stride(2) == 1, op, ": ", name, " must have stride(-1) == 1, got strides ", t.strides());
-  TORCH_CHECK(t.size(2) <= kMaxVocab, op, ": the vocabulary size must be at most 2^30, got ", t.size(2));
+  TORCH_CHECK(t.stride(2) == 1, op, ": ", name, " must have stride(-1) == 1, got strides ", str(t.strides()));
+  TORCH_CHECK(t.size(2) <= kMaxVocab, op, ": the vocabulary size must be at most 2^30, got ", str(t.size(2)));
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), " like the logits, got ",
-              t.device());
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", str(logits.device()), " like the logits, got ",
+              str(t.device()));
 }
 
 }  // namespace
@@ -181,23 +195,23 @@ void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, cons
   TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
               ": targets must be int64 or int32, got ", targets.scalar_type());
   TORCH_CHECK(targets.dim() == 2 && targets.size(0) == batch && targets.size(1) == seq_len, op,
-              ": targets must be [B, T] = [", batch, ", ", seq_len, "], got ", targets.sizes());
+              ": targets must be [B, T] = [", str(batch), ", ", str(seq_len), "], got ", str(targets.sizes()));
   check_same_device(divisor, logits, op, "divisor");
   TORCH_CHECK(divisor.dim() == 0 && divisor.scalar_type() == at::kDouble, op,
-              ": divisor must be a 0-dim float64 tensor, got ", divisor.scalar_type(), " of shape ", divisor.sizes());
+              ": divisor must be a 0-dim float64 tensor, got ", divisor.scalar_type(), " of shape ", str(divisor.sizes()));
   check_same_device(losses, logits, op, "losses");
   TORCH_CHECK(losses.scalar_type() == at::kFloat, op, ": losses must be float32, got ", losses.scalar_type());
   TORCH_CHECK(losses.dim() == 2 && losses.size(0) == batch && losses.size(1) == seq_len && losses.is_contiguous(), op,
-              ": losses must be a contiguous [B, T] = [", batch, ", ", seq_len, "] tensor, got shape ", losses.sizes(),
-              " and strides ", losses.strides());
+              ": losses must be a contiguous [B, T] = [", str(batch), ", ", str(seq_len), "] tensor, got shape ",
+              str(losses.sizes()), " and strides ", str(losses.strides()));
   if (grad.has_value()) {
     const at::Tensor& g = *grad;
     check_same_device(g, logits, op, "grad");
     TORCH_CHECK(g.scalar_type() == logits.scalar_type(), op, ": grad must have the logits' dtype ",
                 logits.scalar_type(), ", got ", g.scalar_type());
-    TORCH_CHECK(g.sizes() == logits.sizes(), op, ": grad must have the logits' shape ", logits.sizes(), ", got ",
-                g.sizes());
-    TORCH_CHECK(g.stride(2) == 1, op, ": grad must have stride(-1) == 1, got strides ", g.strides());
+    TORCH_CHECK(g.sizes() == logits.sizes(), op, ": grad must have the logits' shape ", str(logits.sizes()), ", got ",
+                str(g.sizes()));
+    TORCH_CHECK(g.stride(2) == 1, op, ": grad must have stride(-1) == 1, got strides ", str(g.strides()));
     // In place means grad *is* the logits (same start, same strides); any other overlap would race.
     const bool same_view = g.data_ptr() == logits.data_ptr() && g.strides() == logits.strides();
     TORCH_CHECK(same_view || at::get_overlap_status(g, logits) != at::MemOverlapStatus::Partial, op,
@@ -239,7 +253,8 @@ void scale_grad_(const at::Tensor& grad, const at::Tensor& grad_output) {
               grad_output.scalar_type());
   const bool per_row = grad_output.dim() == 2;
   TORCH_CHECK(grad_output.dim() == 0 || (per_row && grad_output.size(0) == batch && grad_output.size(1) == seq_len),
-              op, ": grad_output must be 0-dim or [B, T] = [", batch, ", ", seq_len, "], got ", grad_output.sizes());
+              op, ": grad_output must be 0-dim or [B, T] = [", str(batch), ", ", str(seq_len), "], got ",
+              str(grad_output.sizes()));
   const int64_t num_rows = batch * seq_len;
   if (num_rows == 0 || vocab == 0) return;
 
