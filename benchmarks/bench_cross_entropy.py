@@ -771,6 +771,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="standard shapes only, fewer reps, no sweeps")
+    parser.add_argument("--sweep-impls", default="fastce,hf-eager",
+                        help="comma-separated name prefixes of the implementations also run on the sweep shapes")
     parser.add_argument("--shapes", help="comma-separated BxTxV list (replaces the default shapes and sweeps)")
     parser.add_argument("--impls", help="comma-separated names or prefixes: fastce, fastce-triton, fastce-cuda, "
                                         "fastce-torch, hf-eager, hf-compile, torch-f32, liger, quack")
@@ -849,6 +851,7 @@ def main(argv: list[str] | None = None) -> Path:
         "skipped_impls": skipped, "argv": list(argv) if argv is not None else sys.argv[1:],
     }
     flush = L2Flush(device)
+    sweep_prefixes = [p for p in args.sweep_impls.split(",") if p]
     elem = torch.empty((), dtype=dtype).element_size()
     rows: list[dict] = []
     for shape_index, shape in enumerate(shapes):
@@ -873,6 +876,8 @@ def main(argv: list[str] | None = None) -> Path:
             log(f"shape {shape.label()} ({', '.join(shape.sets)}): "
                 f"{int(inputs.num_items)} targets of {shape.batch * (shape.seq_len - 1)}")
         for impl in impls:
+            if "standard" not in shape.sets and not any(impl.name.startswith(p) for p in sweep_prefixes):
+                continue  # the sweeps are for the plots of fastce (and eager, for scale)
             row = {"impl": impl.name, "mode": impl.mode, **base}
             if over_budget():
                 row["status"] = f"skipped: time budget of {max_minutes:g} min"
