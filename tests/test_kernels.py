@@ -106,3 +106,27 @@ def test_scale_grad_by_one_keeps_every_bit(device, backend):
     before = grad.clone()
     kernels(backend).scale_grad_(grad, torch.tensor(1.0, device=device))
     assert torch.equal(grad.view(torch.int16), before.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and ~9 GB)")
+def test_triton_64bit_offsets():
+    """N*V >= 2**31 elements: offsets of late rows overflow 32 bits; they must be computed in 64 bits."""
+    from fastce.kernels import triton_ce
+
+    B, T, V = 2, 8192, 131075  # 2.1e9 elements, an odd V
+    assert B * T * V >= 2**31
+    logits = random_logits((B, T, V), torch.bfloat16, "cuda")
+    targets = torch.randint(0, V, (B, T), device="cuda")
+    targets[1, -3] = -100
+    losses = torch.full((B, T), float("nan"), device="cuda")
+    grad = torch.full_like(logits, float("nan"))
+    divisor = torch.tensor(123.0, dtype=torch.float64, device="cuda")
+    triton_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, -100)
+    assert not torch.isnan(losses).any() and not torch.isnan(grad).any()  # every element written
+    for b, t in [(0, 0), (1, 0), (1, T - 4), (1, T - 3), (1, T - 1)]:  # rows past 2**31 elements among them
+        row = (slice(b, b + 1), slice(t, t + 1))
+        expected = cross_entropy_reference(logits[row], targets[row])
+        torch.testing.assert_close(losses[row].double(), expected, rtol=1e-6, atol=1e-6)
+        assert_grad_close(grad[row], cross_entropy_grad_reference(logits[row], targets[row], 123.0))
