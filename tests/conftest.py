@@ -13,3 +13,23 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the num_items_in_batch of each call of ``fastce.loss.causal_lm_loss`` (the transformers integration
+    looks it up at call time), proving that fastce computed a loss and what it was given."""
+    import functools
+
+    import fastce.loss
+
+    real = fastce.loss.causal_lm_loss
+    calls = []
+
+    @functools.wraps(real)
+    def causal_lm_loss(*args, **kwargs):
+        calls.append(args[3] if len(args) > 3 else kwargs.get("num_items_in_batch"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastce.loss, "causal_lm_loss", causal_lm_loss)
+    return calls

@@ -10,14 +10,12 @@ clipping, so the weights move by exactly lr x gradient (Adam's first step would 
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-import fastce.loss  # noqa: E402
 from fastce.integrations.transformers import (  # noqa: E402
     patch_model,
     patch_transformers,
@@ -90,20 +88,6 @@ def dataset():
 def _unpatch():
     yield
     unpatch_transformers()
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    real = fastce.loss.causal_lm_loss
-    calls = []
-
-    @functools.wraps(real)
-    def causal_lm_loss(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else kwargs.get("num_items_in_batch"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastce.loss, "causal_lm_loss", causal_lm_loss)
-    return calls
 
 
 def _trainer(model, dataset, output_dir, batch_size: int, grad_accum: int):

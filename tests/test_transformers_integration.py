@@ -19,7 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.loss import loss_utils  # noqa: E402
 
-import fastce.loss  # noqa: E402
 from fastce.integrations.transformers import (  # noqa: E402
     FASTCE_LOSS_TYPE,
     FastCELoss,
@@ -106,21 +105,6 @@ def _restore_transformers():
     unpatch_transformers()
     loss_utils.LOSS_MAPPING.clear()
     loss_utils.LOSS_MAPPING.update(before)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts calls of ``fastce.loss.causal_lm_loss`` (FastCELoss looks it up at call time) and records num_items."""
-    real = fastce.loss.causal_lm_loss
-    calls = []
-
-    @functools.wraps(real)
-    def causal_lm_loss(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else kwargs.get("num_items_in_batch"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastce.loss, "causal_lm_loss", causal_lm_loss)
-    return calls
 
 
 def _mapping_snapshot():
