@@ -64,15 +64,15 @@ class _OverlappedValidation:
     known is harmless; its outputs are dropped when the check raises.
     """
 
-    _buffers = threading.local()  # one pinned flag and one event per thread, reused: allocating them costs more
+    # One pinned flag and one event per thread and device, reused: allocating them each call costs more.
+    _buffers = threading.local()
 
     def __init__(self, targets: Tensor, vocab_size: int, ignore_index: int):
         self.args = (targets, vocab_size, ignore_index)
-        buffers = self._buffers
-        if not hasattr(buffers, "flag"):
-            buffers.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            buffers.ready = torch.cuda.Event()
-        self.flag, self.ready = buffers.flag, buffers.ready
+        per_device = self._buffers.__dict__.setdefault("per_device", {})
+        if targets.device not in per_device:
+            per_device[targets.device] = (torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+        self.flag, self.ready = per_device[targets.device]
         self.flag.copy_(_bad_targets(*self.args).any(), non_blocking=True)
         self.ready.record()
 
