@@ -1,18 +1,73 @@
 """Probe the CUDA backend's kernels alone at (4, 2048, 128256) bf16: blocks per SM, forward-only vs with gradient.
 
-    python benchmarks/probe_cuda.py            # then, for counters: ncu --set basic -k regex:rows -c 2 python ...
+    python benchmarks/probe_cuda.py              # the installed extension, FASTCE_CUDA_ROW_BLOCKS_PER_SM 1..4
+    python benchmarks/probe_cuda.py --variants   # variants of threads per block and unroll, built just in time
 
-Evidence for benchmarks/NOTES.md; the launcher reads FASTCE_CUDA_ROW_BLOCKS_PER_SM at every launch.
+Evidence for benchmarks/NOTES.md; the launcher reads FASTCE_CUDA_ROW_BLOCKS_PER_SM at every launch. For counters:
+ncu --set basic -k regex:rows -c 2 python ...
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import triton.testing
 
-from fastce.kernels import cuda_ce
+VARIANTS = [(512, 4), (512, 8), (256, 4), (256, 8), (1024, 2)]  # (threads per block, 16-byte vectors in flight)
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def _variant_library(threads: int, unroll: int) -> None:
+    """Builds (cached) and loads csrc/ with other kernel constants; its ops replace nothing: run one per process."""
+    from torch.utils import cpp_extension
+
+    flags = [f"-DFASTCE_CUDA_THREADS={threads}", f"-DFASTCE_CUDA_UNROLL={unroll}"]
+    cpp_extension.load(
+        name=f"fastce_probe_t{threads}_u{unroll}",
+        sources=[str(p) for p in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu"))],
+        extra_include_paths=[str(CSRC)], extra_cflags=["-O3", *flags], extra_cuda_cflags=["-O3", *flags],
+        is_python_module=False,
+    )
+
+
+def _child(threads: int, unroll: int, build_only: bool) -> None:
+    _variant_library(threads, unroll)
+    if build_only:
+        return
+    launch = torch.ops.fastce_cuda.cross_entropy_fwd
+    B, T, V = 4, 2048, 128256
+    logits = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
+    targets = torch.randint(0, V, (B, T), device="cuda")
+    targets[:, -400:] = -100
+    divisor = torch.tensor(1000.0, dtype=torch.float64, device="cuda")
+    losses, grad = torch.empty(B, T, device="cuda"), torch.empty_like(logits)
+    launch(logits, targets, divisor, losses, grad, -100)
+    rows = slice(0, 1), slice(0, 64)  # a check that the variant computes the same function
+    x = logits[rows].double()
+    expected = torch.logsumexp(x, -1) - x.gather(-1, targets[rows].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    expected = torch.where(targets[rows] == -100, 0.0, expected)
+    error = ((losses[rows].double() - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
+    floor_ms = B * T * V * 4 / 3.0e12 * 1e3
+    with_grad = triton.testing.do_bench(lambda: launch(logits, targets, divisor, losses, grad, -100),
+                                        return_mode="median")
+    forward = triton.testing.do_bench(lambda: launch(logits, targets, divisor, losses, None, -100), return_mode="median")
+    print(f"threads {threads:4d} unroll {unroll:2d}: fwd+grad {with_grad:.3f} ms ({floor_ms / with_grad:.0%} of 3.0 TB/s), "
+          f"fwd only {forward:.3f} ms ({floor_ms / 2 / forward:.0%}); loss rel err {error:.1e}", flush=True)
+
+
+def variants() -> None:
+    script = str(Path(__file__).resolve())
+    builds = [subprocess.Popen([sys.executable, script, "--child", str(t), str(u), "--build-only"]) for t, u in VARIANTS]
+    for build in builds:
+        build.wait()
+    for threads, unroll in VARIANTS:
+        subprocess.run([sys.executable, script, "--child", str(threads), str(unroll)], check=False)
 
 
 def main():
+    from fastce.kernels import cuda_ce
+
     B, T, V = 4, 2048, 128256
     logits = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
     targets = torch.randint(0, V, (B, T), device="cuda")
@@ -32,4 +87,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        _child(int(sys.argv[2]), int(sys.argv[3]), "--build-only" in sys.argv)
+    elif "--variants" in sys.argv:
+        variants()
+    else:
+        main()

@@ -36,9 +36,17 @@
 
 namespace fastce {
 
-constexpr int kThreads = 512;  // threads per block, in every kernel
+// FASTCE_CUDA_THREADS / FASTCE_CUDA_UNROLL exist for benchmarks/probe_cuda.py, which builds variants just in time;
+// the package is always built with these defaults.
+#ifndef FASTCE_CUDA_THREADS
+#define FASTCE_CUDA_THREADS 512
+#endif
+#ifndef FASTCE_CUDA_UNROLL
+#define FASTCE_CUDA_UNROLL 4
+#endif
+constexpr int kThreads = FASTCE_CUDA_THREADS;  // threads per block, in every kernel
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;          // 16-byte vectors each thread has in flight per loop step
+constexpr int kUnroll = FASTCE_CUDA_UNROLL;  // 16-byte vectors each thread has in flight per loop step
 constexpr int kMaxVocab = 1 << 30;  // keeps int offsets within a row (and split * split_len) from overflowing
 constexpr float kLog2e = 1.4426950408889634f;
 
