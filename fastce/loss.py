@@ -8,15 +8,14 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .function import fused_cross_entropy
-
-_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .ops import LOGIT_DTYPES
 
 
 def _as_rows(logits: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """``logits`` as ``[B, T, V]`` and ``targets`` as ``[B, T]``, as views (never copies of the logits)."""
     if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
         raise TypeError(f"logits and {name} must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
-    if logits.dtype not in _LOGIT_DTYPES:
+    if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")

@@ -14,14 +14,14 @@ from torch import Tensor
 
 from .backends import kernels
 
-_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_layout(logits: Tensor, targets: Tensor, divisor: Tensor) -> None:
     # User-facing checks live in loss.py; these guard the kernels' assumptions against direct callers.
     if logits.dim() != 3 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be [B, T, V] with unit stride over V, got {tuple(logits.shape)} strides {logits.stride()}")
-    if logits.dtype not in _LOGIT_DTYPES:
+    if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
