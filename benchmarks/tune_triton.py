@@ -109,12 +109,14 @@ DEFAULT_CONFIG = triton_ce._launch_config
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default configuration only")
     parser.add_argument("--shapes", default="4x2048x32000,4x2048x128256,2x4096x151936,2x4096x256000,1x512x256000,1x1024x256000")
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-    host_overhead()
+    if not args.no_sweep:
+        host_overhead()
     default_config = triton_ce._launch_config
     for B, T, V in shapes:
         logits, labels, num_items = make_inputs(B, T, V)
@@ -127,8 +129,10 @@ def main():
         print(f"\n{(B, T, V)} floor {floor_ms:.3f} ms; default {default_config(V, B * T, logits.device)}: "
               f"fwd+bwd {ms:.3f} ms ({floor_ms / ms:.0%} of copy bandwidth); "
               f"fwd only {fwd_ms:.3f} ms ({floor_ms / 2 / fwd_ms:.0%})", flush=True)
+        kernel_ms = time_kernel_only(logits, labels, default_config(V, B * T, logits.device))
+        print(f"  default config, kernel alone {kernel_ms:.3f} ms ({floor_ms / kernel_ms:.0%})", flush=True)
         results = []
-        for config in configs(B, T, V, args.quick):
+        for config in [] if args.no_sweep else configs(B, T, V, args.quick):
             triton_ce._launch_config = lambda *a, _c=config: _c
             try:
                 ms = time_fwd_bwd(logits, labels, num_items)
@@ -141,8 +145,9 @@ def main():
             results.append((ms, config))
             print(f"  BLOCK_V={config[0]:6d} warps={config[1]:2d} splits={config[2]:2d} stages={config[3]}: {ms:.3f} ms "
                   f"({floor_ms / ms:.0%}); kernel alone {kernel_ms:.3f} ms ({floor_ms / kernel_ms:.0%})", flush=True)
-        best = min(results)
-        print(f"  best: {best[0]:.3f} ms {best[1]}", flush=True)
+        if results:
+            best = min(results)
+            print(f"  best: {best[0]:.3f} ms {best[1]}", flush=True)
         del logits, labels
         torch.cuda.empty_cache()
 

@@ -14,6 +14,7 @@ Three shapes of work, chosen by ``_launch_config``:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -39,31 +40,42 @@ def _chunk_max_sum(x, running_max, running_sum):
 
 
 @triton.jit
-def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Online (max, sum of exps) of ``row[lo:hi]``, float32; NUM_STAGES chunks in flight (software pipelining)."""
+def _max_sum(row_logits_ptr, lo, hi, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr, CACHE_HINTS: tl.constexpr):
+    """Online (max, sum of exps) of ``row[lo:hi]``, float32; NUM_STAGES chunks in flight (software pipelining).
+
+    CACHE_HINTS: keep these reads in L2 (evict_last) for pass 2, which reads them once more (evict_first)."""
     cols = tl.arange(0, BLOCK_V)
     running_max = tl.full([], -float("inf"), tl.float32)
     running_sum = tl.zeros([], tl.float32)
     for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
-        x = tl.load(row_logits_ptr + offs, mask=offs < hi, other=-float("inf")).to(tl.float32)
-        running_max, running_sum = _chunk_max_sum(x, running_max, running_sum)
+        if CACHE_HINTS:
+            x = tl.load(row_logits_ptr + offs, mask=offs < hi, other=-float("inf"), eviction_policy="evict_last")
+        else:
+            x = tl.load(row_logits_ptr + offs, mask=offs < hi, other=-float("inf"))
+        running_max, running_sum = _chunk_max_sum(x.to(tl.float32), running_max, running_sum)
     return running_max, running_sum
 
 
 @triton.jit
 def _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, grad_scale, BLOCK_V: tl.constexpr,
-                NUM_STAGES: tl.constexpr):
+                NUM_STAGES: tl.constexpr, CACHE_HINTS: tl.constexpr):
     """grad[lo:hi] = (exp(x - lse) - onehot(target)) * grad_scale, last chunk first (see the module docstring)."""
     cols = tl.arange(0, BLOCK_V)
     num_chunks = tl.cdiv(hi - lo, BLOCK_V)
     for i in tl.range(num_chunks, num_stages=NUM_STAGES):
         offs = lo + (num_chunks - 1 - i) * BLOCK_V + cols
         mask = offs < hi
-        x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        prob = tl.exp(x - lse)
-        grad = tl.where(offs == target, prob - 1.0, prob) * grad_scale
-        tl.store(row_grad_ptr + offs, grad.to(row_grad_ptr.dtype.element_ty), mask=mask)
+        if CACHE_HINTS:  # the last read of these logits, and a gradient nothing reads soon: neither should stay
+            x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            x = tl.load(row_logits_ptr + offs, mask=mask, other=0.0)
+        prob = tl.exp(x.to(tl.float32) - lse)
+        grad = (tl.where(offs == target, prob - 1.0, prob) * grad_scale).to(row_grad_ptr.dtype.element_ty)
+        if CACHE_HINTS:
+            tl.store(row_grad_ptr + offs, grad, mask=mask, eviction_policy="evict_first")
+        else:
+            tl.store(row_grad_ptr + offs, grad, mask=mask)
 
 
 @triton.jit
@@ -108,6 +120,7 @@ def _cross_entropy_fwd_kernel(
     SINGLE_CHUNK: tl.constexpr,  # V <= BLOCK_V: keep the row in registers (one read, one exp per element)
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no_grad / evaluation)
     NUM_STAGES: tl.constexpr,  # chunks of a row in flight in the streaming loops
+    CACHE_HINTS: tl.constexpr,  # L2 eviction hints in the streaming loops (see _max_sum)
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
@@ -131,12 +144,12 @@ def _cross_entropy_fwd_kernel(
             grad = tl.where(cols == target, prob - 1.0, prob) * grad_scale
             tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
-        row_max, row_sum = _max_sum(row_logits_ptr, 0, vocab_size, BLOCK_V, NUM_STAGES)
+        row_max, row_sum = _max_sum(row_logits_ptr, 0, vocab_size, BLOCK_V, NUM_STAGES, CACHE_HINTS)
         lse = row_max + tl.log(row_sum)
         tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
         if COMPUTE_GRAD:
             _write_grad(row_logits_ptr, row_grad_ptr, 0, vocab_size, lse, target, _grad_scale(divisor_ptr), BLOCK_V,
-                        NUM_STAGES)
+                        NUM_STAGES, CACHE_HINTS)
 
 
 @triton.jit
@@ -151,13 +164,14 @@ def _split_partials_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    CACHE_HINTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, vocab_size)
-    split_max, split_sum = _max_sum(row_logits_ptr, lo, hi, BLOCK_V, NUM_STAGES)
+    split_max, split_sum = _max_sum(row_logits_ptr, lo, hi, BLOCK_V, NUM_STAGES, CACHE_HINTS)
     tl.store(partials_ptr + row * 2 * NUM_SPLITS + split, split_max)
     tl.store(partials_ptr + row * 2 * NUM_SPLITS + NUM_SPLITS + split, split_sum)
 
@@ -185,6 +199,7 @@ def _split_finish_kernel(
     BLOCK_V: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    CACHE_HINTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -210,7 +225,7 @@ def _split_finish_kernel(
             tl.store(losses_ptr + row, _loss(row_logits_ptr, lse, target, vocab_size))
         if COMPUTE_GRAD:
             _write_grad(row_logits_ptr, row_grad_ptr, lo, hi, lse, target, _grad_scale(divisor_ptr), BLOCK_V,
-                        NUM_STAGES)
+                        NUM_STAGES, CACHE_HINTS)
 
 
 @triton.jit
@@ -249,6 +264,11 @@ _SPLIT_TARGET_PROGRAMS_PER_SM = 8  # the split path aims for about this many pro
 _MAX_SPLITS = 64
 
 
+def _cache_hints() -> bool:
+    """L2 eviction hints in the streaming loops: FASTCE_TRITON_CACHE_HINTS=1 (an experiment; see benchmarks/NOTES.md)."""
+    return os.environ.get("FASTCE_TRITON_CACHE_HINTS", "0") == "1"
+
+
 def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_V, num_warps, num_splits, num_stages), from benchmarks/tune_triton.py on an H100 (benchmarks/NOTES.md)."""
     if vocab_size <= _SINGLE_CHUNK_MAX:
@@ -285,7 +305,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
             grad_arg, grad_arg.stride(0), grad_arg.stride(1),
             seq_len, vocab_size, ignore_index,
             BLOCK_V=block_v, SINGLE_CHUNK=vocab_size <= block_v, COMPUTE_GRAD=grad is not None,
-            NUM_STAGES=num_stages, num_warps=num_warps,
+            NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
         )
         return
     split_len = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
@@ -293,7 +313,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
     partials = torch.empty((num_rows, 2, splits), dtype=torch.float32, device=logits.device)
     _split_partials_kernel[(num_rows, splits)](
         *common, partials, seq_len, vocab_size, split_len,
-        NUM_SPLITS=splits, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        NUM_SPLITS=splits, BLOCK_V=block_v, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
     )
     _split_finish_kernel[(num_rows, splits)](
         *common,
@@ -302,7 +322,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
         grad_arg, grad_arg.stride(0), grad_arg.stride(1),
         partials, seq_len, vocab_size, split_len, ignore_index,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), BLOCK_V=block_v,
-        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
     )
 
 
