@@ -265,8 +265,9 @@ _MAX_SPLITS = 64
 
 
 def _cache_hints() -> bool:
-    """L2 eviction hints in the streaming loops: FASTCE_TRITON_CACHE_HINTS=1 (an experiment; see benchmarks/NOTES.md)."""
-    return os.environ.get("FASTCE_TRITON_CACHE_HINTS", "0") == "1"
+    """L2 eviction hints in the streaming loops, on unless FASTCE_TRITON_CACHE_HINTS=0 (for A/B timing): they took
+    (4,2048,128256) from 1.90 to 1.66-1.75 ms on the H100 (benchmarks/NOTES.md, row 8)."""
+    return os.environ.get("FASTCE_TRITON_CACHE_HINTS", "1") != "0"
 
 
 def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int, int]:
