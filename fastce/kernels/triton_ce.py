@@ -264,10 +264,18 @@ _SPLIT_TARGET_PROGRAMS_PER_SM = 8  # the split path aims for about this many pro
 _MAX_SPLITS = 64
 
 
-def _cache_hints() -> bool:
-    """L2 eviction hints in the streaming loops, on unless FASTCE_TRITON_CACHE_HINTS=0 (for A/B timing): they took
-    (4,2048,128256) from 1.90 to 1.66-1.75 ms on the H100 (benchmarks/NOTES.md, row 8)."""
-    return os.environ.get("FASTCE_TRITON_CACHE_HINTS", "1") != "0"
+_CACHE_HINTS_MIN_VOCAB = 40000
+
+
+def _cache_hints(vocab_size: int) -> bool:
+    """L2 eviction hints in the streaming loops, for rows long enough that pass 1's reads could leave L2 before pass 2
+    re-reads them: they took (4,2048,128256) from 1.90 to 1.66-1.75 ms on the H100, while (4,2048,32000) measured
+    0.66 ms with them against 0.44 ms without (benchmarks/NOTES.md, row 8). FASTCE_TRITON_CACHE_HINTS=0/1 forces
+    them off/on (A/B timing)."""
+    forced = os.environ.get("FASTCE_TRITON_CACHE_HINTS")
+    if forced is not None:
+        return forced != "0"
+    return vocab_size > _CACHE_HINTS_MIN_VOCAB
 
 
 def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -306,7 +314,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
             grad_arg, grad_arg.stride(0), grad_arg.stride(1),
             seq_len, vocab_size, ignore_index,
             BLOCK_V=block_v, SINGLE_CHUNK=vocab_size <= block_v, COMPUTE_GRAD=grad is not None,
-            NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
+            NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), num_warps=num_warps,
         )
         return
     split_len = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
@@ -314,7 +322,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
     partials = torch.empty((num_rows, 2, splits), dtype=torch.float32, device=logits.device)
     _split_partials_kernel[(num_rows, splits)](
         *common, partials, seq_len, vocab_size, split_len,
-        NUM_SPLITS=splits, BLOCK_V=block_v, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
+        NUM_SPLITS=splits, BLOCK_V=block_v, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), num_warps=num_warps,
     )
     _split_finish_kernel[(num_rows, splits)](
         *common,
@@ -323,7 +331,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
         grad_arg, grad_arg.stride(0), grad_arg.stride(1),
         partials, seq_len, vocab_size, split_len, ignore_index,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), BLOCK_V=block_v,
-        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(), num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), num_warps=num_warps,
     )
 
 
