@@ -4,7 +4,7 @@ import torch
 
 import fastce
 
-from helpers import backend_params, padded_labels, random_logits
+from helpers import backend_params, padded_labels, random_logits, requires_cuda
 
 
 @pytest.mark.parametrize("device, backend", backend_params())
@@ -104,7 +104,7 @@ def test_masked_vocabulary_is_not_nan(device, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_labels_on_another_device_are_moved():
     logits = random_logits((2, 5, 31), torch.bfloat16, "cuda")
     labels = torch.randint(0, 31, (2, 5))

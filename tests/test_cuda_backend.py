@@ -14,7 +14,7 @@ import torch
 from fastce.kernels import cuda_ce
 from fastce.reference import cross_entropy_grad_reference, cross_entropy_reference
 
-from helpers import assert_grad_close, random_logits
+from helpers import assert_grad_close, random_logits, requires_cuda
 
 IGNORE = -100
 CROSS_ENTROPY_SCHEMA = (
@@ -24,7 +24,6 @@ CROSS_ENTROPY_SCHEMA = (
 SCALE_GRAD_SCHEMA = "fastce_cuda::scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()"
 
 gpu = pytest.mark.gpu
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
