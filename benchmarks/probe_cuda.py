@@ -1,10 +1,10 @@
-"""Probe the CUDA backend's kernels alone at (4, 2048, 128256) bf16: blocks per SM, forward-only vs with gradient.
+"""Probe the kernels alone, bf16: the CUDA backend's cluster path and row path beside Triton, with and without gradient.
 
-    python benchmarks/probe_cuda.py              # the installed extension, FASTCE_CUDA_ROW_BLOCKS_PER_SM 1..4
-    python benchmarks/probe_cuda.py --variants   # variants of threads per block and unroll, built just in time
+    python benchmarks/probe_cuda.py              # the installed extension, the standard shapes and a few-rows shape
+    python benchmarks/probe_cuda.py --variants   # row-path variants of threads per block and unroll, built just in time
 
-Evidence for benchmarks/NOTES.md; the launcher reads FASTCE_CUDA_ROW_BLOCKS_PER_SM at every launch. For counters:
-ncu --set basic -k regex:rows -c 2 python ...
+Evidence for benchmarks/NOTES.md; the launcher reads FASTCE_CUDA_CLUSTER at every launch. For counters:
+ncu --set basic -k regex:cluster -c 2 python ...
 """
 import os
 import subprocess
@@ -65,25 +65,47 @@ def variants() -> None:
         subprocess.run([sys.executable, script, "--child", str(threads), str(unroll)], check=False)
 
 
-def main():
-    from fastce.kernels import cuda_ce
+SHAPES = [(4, 2048, 32000), (4, 2048, 128256), (2, 4096, 151936), (2, 4096, 256000), (1, 512, 256000)]
+# CUDA launch paths (environment read at every launch): the cluster path (sm_90 default, or as FASTCE_CUDA_CLUSTER
+# was set for this run), and the row/split paths.
+PATHS = {"cuda cluster": {"FASTCE_CUDA_CLUSTER": os.environ.get("FASTCE_CUDA_CLUSTER", "")},
+         "cuda rows": {"FASTCE_CUDA_CLUSTER": "0"}}
 
-    B, T, V = 4, 2048, 128256
-    logits = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
-    targets = torch.randint(0, V, (B, T), device="cuda")
-    targets[:, -400:] = -100
-    divisor = torch.tensor(1000.0, dtype=torch.float64, device="cuda")
-    losses = torch.empty(B, T, device="cuda")
-    grad = torch.empty_like(logits)
-    floor_ms = B * T * V * 4 / 3.0e12 * 1e3
-    for blocks in ["", "1", "2", "3", "4"]:
-        os.environ["FASTCE_CUDA_ROW_BLOCKS_PER_SM"] = blocks
-        with_grad = triton.testing.do_bench(
-            lambda: cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, -100), return_mode="median")
-        forward = triton.testing.do_bench(
-            lambda: cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, None, -100), return_mode="median")
-        print(f"blocks/SM {blocks or 'default'}: fwd+grad {with_grad:.3f} ms ({floor_ms / with_grad:.0%} of 3.0 TB/s), "
-              f"fwd only {forward:.3f} ms ({floor_ms / 2 / forward:.0%})", flush=True)
+
+def main():
+    """Kernels alone (preallocated outputs, L2 flushed by do_bench): CUDA cluster path, CUDA row path, Triton."""
+    from fastce.kernels import cuda_ce, triton_ce
+
+    copy_gbps = _copy_gbps()
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s; '%' = fraction of it; fwd+grad moves 2 x the logits' bytes, "
+          f"fwd only 1 x (ignored rows, ~20%, are not read)", flush=True)
+    for B, T, V in SHAPES:
+        logits = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
+        targets = torch.randint(0, V, (B, T), device="cuda")
+        targets[:, -(T // 5):] = -100
+        divisor = torch.tensor(1000.0, dtype=torch.float64, device="cuda")
+        losses = torch.empty(B, T, device="cuda")
+        grad = torch.empty_like(logits)
+        nbytes = logits.numel() * logits.element_size()
+        for name, env in [*PATHS.items(), ("triton", {})]:
+            os.environ.update(env)
+            launcher = triton_ce if name == "triton" else cuda_ce
+            times = {}
+            for mode, g in [("fwd+grad", grad), ("fwd", None)]:
+                times[mode] = triton.testing.do_bench(
+                    lambda: launcher.cross_entropy_fwd(logits, targets, divisor, losses, g, -100), return_mode="median")
+            line = "  ".join(f"{mode} {ms:.3f} ms {nbytes * (2 if mode == 'fwd+grad' else 1) / ms / 1e6 / copy_gbps:4.0%}"
+                             for mode, ms in times.items())
+            print(f"{B}x{T}x{V:<7d} {name:13s} {line}", flush=True)
+        del logits, grad
+    os.environ.pop("FASTCE_CUDA_CLUSTER", None)
+
+
+def _copy_gbps() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / ms / 1e6
 
 
 if __name__ == "__main__":

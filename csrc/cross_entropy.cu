@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -35,6 +36,9 @@ constexpr int kMaxSplits = 1024;
 // Split lengths are multiples of this many elements (128 bytes or more), so every split of a row starts with the
 // same 16-byte alignment as the row itself.
 constexpr int kSplitAlign = 64;
+// Cluster path: blocks per cluster at most (8 is portable; 9 to 16 need the non-portable attribute, which the H100
+// grants; the launch falls back to the row and split paths where a cluster size cannot be resident).
+constexpr int kMaxCluster = 16;
 
 // float32, float16 and bfloat16 (AT_DISPATCH_FLOATING_TYPES_AND2 without float64, which the contract excludes).
 #define FASTCE_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                             \
@@ -44,10 +48,12 @@ constexpr int kSplitAlign = 64;
 struct DeviceInfo {
   int num_sms;
   int l2_bytes;
+  int major;  // compute capability
 };
 
 DeviceInfo device_info(int device) {
   DeviceInfo info{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.l2_bytes, cudaDevAttrL2CacheSize, device));
   return info;
@@ -104,10 +110,83 @@ SplitPlan choose_splits(int64_t num_rows, int vocab, int64_t row_slots, int64_t 
   return {static_cast<int>(splits), static_cast<int>(split_len)};
 }
 
+struct ClusterPlan {
+  int vecs;     // 16-byte vectors per thread (a kernel template argument: 2 or 8); 0 when the path does not apply
+  int cluster;  // blocks per row
+};
+
+// The cluster path on sm_90 and newer: 2 vectors per thread while one block holds a row (short rows, more blocks per
+// SM), else 8, in as many blocks as the row needs, up to kMaxCluster. 4 was measured slower than 8, with a gradient
+// and without (0.91 vs 0.70 ms forward only at 8192 x 128256, benchmarks/NOTES.md): clusters twice as large cost more
+// than the extra blocks in flight gain. FASTCE_CUDA_CLUSTER=0 turns the path off (the row and split paths then run,
+// as on older GPUs); =2 or =8 forces that many vectors per thread where they fit (for tests: =2 makes multi-block
+// clusters out of small vocabularies).
+ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, int major) {
+  const char* env = std::getenv("FASTCE_CUDA_CLUSTER");
+  if (major < 9 || (env != nullptr && std::string(env) == "0")) return {0, 0};
+  const int64_t forced = env_override("FASTCE_CUDA_CLUSTER");
+  // The most 16-byte vectors a row can touch, whatever the misalignment of its start.
+  const int64_t vectors = ceil_div(static_cast<int64_t>(vocab) + vec_size - 1, vec_size);
+  auto blocks = [&](int vecs) { return ceil_div(vectors, static_cast<int64_t>(vecs) * kThreads); };
+  int vecs = (forced == 2 || forced == 8) ? static_cast<int>(forced) : blocks(2) == 1 ? 2 : 8;
+  if (blocks(vecs) > kMaxCluster) vecs = 8;
+  const int64_t cluster = blocks(vecs);
+  if (cluster > kMaxCluster || num_rows * cluster > INT32_MAX) return {0, 0};
+  return {vecs, static_cast<int>(cluster)};
+}
+
+// Launches the cluster kernel; false (and nothing launched) when clusters of that size cannot be resident.
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD>
+bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t stream) {
+  auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD>;
+  static std::atomic<int> resident[kMaxCluster + 1];  // per cluster size: 0 not asked yet, 1 yes, -1 no
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned int>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned int>(p.num_rows * cluster));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (resident[cluster].load() == 0) {
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // an unsupported size is an answer, not an error to leave pending
+      clusters = 0;
+    }
+    resident[cluster].store(clusters > 0 ? 1 : -1);
+  }
+  if (resident[cluster].load() < 0) return false;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, cluster));
+  return true;
+}
+
+template <typename scalar_t, typename target_t>
+bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  const bool write_grad = p.grad != nullptr;
+  const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, dev.major);
+  switch (plan.vecs) {
+    case 2:
+      return write_grad ? launch_cluster<scalar_t, target_t, 2, true>(p, plan.cluster, stream)
+                        : launch_cluster<scalar_t, target_t, 2, false>(p, plan.cluster, stream);
+    case 8:
+      return write_grad ? launch_cluster<scalar_t, target_t, 8, true>(p, plan.cluster, stream)
+                        : launch_cluster<scalar_t, target_t, 8, false>(p, plan.cluster, stream);
+    default:
+      return false;
+  }
+}
+
 template <typename scalar_t, typename target_t>
 void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
   const DeviceInfo dev = device_info(logits.get_device());
+  if (try_cluster_path<scalar_t, target_t>(p, dev, stream)) return;
 
   // Row path: blocks per SM, from the L2 budget when there is a pass 2 (FASTCE_CUDA_ROW_BLOCKS_PER_SM=n forces n).
   const int64_t rows_occupancy = write_grad ? max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, true>>()

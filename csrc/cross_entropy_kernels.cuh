@@ -33,6 +33,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace fastce {
 
@@ -459,6 +461,276 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const CrossEntro
     write_grad<scalar_t>(logits_row<scalar_t>(p, r) + begin, grad_row<scalar_t>(p, r) + begin, len, target_here, stats,
                          grad_scale(p.divisor));
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cluster path (sm_90 and newer): every row read once, from memory into registers.
+//
+// A row is cut into `cluster` slices of kVecs x kThreads 16-byte vectors; block `rank` of a thread-block cluster of
+// that many blocks holds slice `rank` in registers. Each block reduces its slice to (max, sum) and publishes it in its
+// shared memory; after a cluster barrier every thread merges the stats of all the blocks, read through distributed
+// shared memory in rank order (so every block gets the same bits). The gradient is then computed from the registers
+// and written: one read and one write per logit, 4 bytes per bf16 logit. One cluster per row: grid = rows x cluster.
+//
+// Vectors are 16-byte aligned in memory, not relative to the row: with `shift` the misalignment of the row start in
+// elements, vector k holds row elements [k * kSize - shift, (k + 1) * kSize - shift). The first and the last vector
+// of a row may be partial; they are read and written element by element (no byte outside the row is touched), and
+// their elements outside the row are -inf, which adds nothing to the stats.
+
+template <typename scalar_t>
+struct NegInf;
+template <>
+struct NegInf<float> {
+  static constexpr uint32_t kBits = 0xff800000u;
+};
+template <>
+struct NegInf<c10::Half> {
+  static constexpr uint16_t kBits = 0xfc00u;
+};
+template <>
+struct NegInf<c10::BFloat16> {
+  static constexpr uint16_t kBits = 0xff80u;
+};
+
+// Element j of a 16-byte vector, as raw bits, and back.
+template <typename Bits>
+__device__ __forceinline__ Bits vec_get(const uint4& v, int j) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(Bits) == 4) {
+    return words[j];
+  } else {
+    return static_cast<Bits>(words[j / 2] >> (16 * (j % 2)));
+  }
+}
+
+template <typename Bits>
+__device__ __forceinline__ void vec_set(uint4& v, int j, Bits bits) {
+  uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(Bits) == 4) {
+    words[j] = bits;
+  } else {
+    const int s = 16 * (j % 2);
+    words[j / 2] = (words[j / 2] & ~(0xffffu << s)) | (static_cast<uint32_t>(bits) << s);
+  }
+  v = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// Vector k of the row x (misaligned by `shift` elements), -inf outside [0, len).
+template <typename scalar_t>
+__device__ __forceinline__ uint4 load_vec(const typename Elem<scalar_t>::Bits* x, int shift, int k, int len) {
+  using Bits = typename Elem<scalar_t>::Bits;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int begin = k * kSize - shift;
+  if (begin >= 0 && begin + kSize <= len) return __ldcs(reinterpret_cast<const uint4*>(x - shift) + k);
+  uint4 v;
+#pragma unroll
+  for (int j = 0; j < kSize; ++j) {
+    const int i = begin + j;
+    vec_set<Bits>(v, j, (i >= 0 && i < len) ? x[i] : static_cast<Bits>(NegInf<scalar_t>::kBits));
+  }
+  return v;
+}
+
+// Stores the elements of vector k (of a row misaligned by x_shift) that lie in [0, len) into g, a row misaligned by
+// g_shift: one 16-byte store when the vector is whole and the misalignments agree, else element by element.
+template <typename scalar_t>
+__device__ __forceinline__ void store_vec(typename Elem<scalar_t>::Bits* g, int g_shift, int x_shift, int k, int len,
+                                          const uint4& v) {
+  using Bits = typename Elem<scalar_t>::Bits;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int begin = k * kSize - x_shift;
+  if (g_shift == x_shift && begin >= 0 && begin + kSize <= len) {
+    __stcs(reinterpret_cast<uint4*>(g - g_shift) + k, v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kSize; ++j) {
+    const int i = begin + j;
+    if (i >= 0 && i < len) g[i] = vec_get<Bits>(v, j);
+  }
+}
+
+// The max of packed elements, taken on the raw words: bf16x2 / half2 max instructions (exact; a NaN is dropped as
+// fmaxf drops it), float max for float32. No float copy of the row is made, which would take registers.
+template <typename scalar_t>
+struct PackedMax;
+
+template <>
+struct PackedMax<float> {
+  float max = -INFINITY;
+  __device__ __forceinline__ void update(const uint4& v) {
+    max = fmaxf(fmaxf(max, fmaxf(__uint_as_float(v.x), __uint_as_float(v.y))),
+                fmaxf(__uint_as_float(v.z), __uint_as_float(v.w)));
+  }
+  __device__ __forceinline__ float result() const { return max; }
+};
+
+template <typename pair_t, uint32_t kNegInfPair>
+struct PackedMax16 {
+  pair_t max = bits_to_pair(kNegInfPair);
+  __device__ __forceinline__ static pair_t bits_to_pair(uint32_t bits) {
+    pair_t pair;
+    static_assert(sizeof(pair) == 4, "a pair of 16-bit elements");
+    memcpy(&pair, &bits, 4);
+    return pair;
+  }
+  __device__ __forceinline__ void update(const uint4& v) {
+    max = __hmax2(max, __hmax2(__hmax2(bits_to_pair(v.x), bits_to_pair(v.y)),
+                               __hmax2(bits_to_pair(v.z), bits_to_pair(v.w))));
+  }
+  __device__ __forceinline__ float result() const { return fmaxf(__low2float(max), __high2float(max)); }
+};
+
+template <>
+struct PackedMax<c10::BFloat16> : PackedMax16<__nv_bfloat162, 0xff80ff80u> {};
+template <>
+struct PackedMax<c10::Half> : PackedMax16<__half2, 0xfc00fc00u> {};
+
+// Vec::unpack as volatile assembly, which the compiler cannot merge with an earlier unpack of the same vector: the
+// gradient pass converts again rather than keep a float copy of the row live (in registers it does not have).
+template <typename scalar_t>
+__device__ __forceinline__ void unpack_opaque(const uint4& raw, float (&out)[Vec<scalar_t>::kSize]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      asm volatile("shl.b32 %0, %2, 16;\n\tand.b32 %1, %2, 0xffff0000;\n"
+                   : "=f"(out[2 * j]), "=f"(out[2 * j + 1]) : "r"(words[j]));
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      asm volatile("{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi;\n\t}\n"
+                   : "=f"(out[2 * j]), "=f"(out[2 * j + 1]) : "r"(words[j]));
+    } else {
+      out[j] = __uint_as_float(words[j]);
+    }
+  }
+}
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+// The Stats at `local` (a shared-memory address of this block) in the shared memory of cluster block `rank`.
+__device__ __forceinline__ Stats load_cluster_stats(const Stats* local, int rank) {
+  Stats out{-INFINITY, 0.f};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(out.max), "=f"(out.sum) : "r"(remote) : "memory");
+#endif
+  return out;
+}
+
+// Resident blocks per SM the cluster kernel is compiled for (it caps the registers per thread): 2 when threads hold
+// 8 vectors (32 registers of logits) or compute a gradient; 4 for 2 vectors without one.
+template <int kVecs, bool WRITE_GRAD>
+constexpr int cluster_min_blocks() {
+  return (kVecs >= 8 || WRITE_GRAD) ? 2 : 4;
+}
+
+// One cluster of `cluster` blocks per row; launched with cluster dimensions (cluster, 1, 1) on sm_90 or newer only.
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD>
+__global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRAD>()))
+    cross_entropy_cluster_kernel(const CrossEntropyParams p, int cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using E = Elem<scalar_t>;
+  using V = Vec<scalar_t>;
+  using Bits = typename E::Bits;
+  __shared__ Stats warp_stats[kWarps];
+  __shared__ Stats block_stats;  // read by the other blocks of the cluster
+  const int64_t row = blockIdx.x / cluster;
+  const int rank = static_cast<int>(blockIdx.x - row * cluster);  // the block's rank in its cluster
+  const Row r = row_coords(row, p.seq_len);
+  const int64_t target = read_target<target_t>(p, r);
+  const int first_vec = rank * kVecs * kThreads + static_cast<int>(threadIdx.x);  // vectors first_vec + i * kThreads
+  const Bits* x = logits_row<scalar_t>(p, r);
+  const int x_shift = static_cast<int>((reinterpret_cast<uintptr_t>(x) & 15) / sizeof(Bits));
+  Bits* g = WRITE_GRAD ? grad_row<scalar_t>(p, r) : nullptr;
+  const int g_shift = static_cast<int>((reinterpret_cast<uintptr_t>(g) & 15) / sizeof(Bits));
+
+  if (target == p.ignore_index) {  // the same for the whole cluster: no block touches shared memory of another
+    if (rank == 0 && threadIdx.x == 0) p.losses[row] = 0.f;
+    if constexpr (WRITE_GRAD) {
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) store_vec<scalar_t>(g, g_shift, x_shift, first_vec + i * kThreads, p.vocab, {});
+    }
+    return;
+  }
+
+  uint4 raw[kVecs];
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) raw[i] = load_vec<scalar_t>(x, x_shift, first_vec + i * kThreads, p.vocab);
+  const bool in_range = target >= 0 && target < p.vocab;
+  // Read before the cluster barrier, hence before any block of the cluster can overwrite it in place.
+  const float target_logit = (rank == 0 && threadIdx.x == 0 && in_range) ? E::to_float(x[target]) : NAN;
+
+  // This thread's stats: its max, then the sum of exponentials relative to it (a tree per vector, then over vectors).
+  PackedMax<scalar_t> packed_max;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) packed_max.update(raw[i]);
+  const float max = packed_max.result();
+  const float ref = finite_ref(max);
+  float sums[kVecs];
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    float values[V::kSize];
+    V::unpack(raw[i], values);
+#pragma unroll
+    for (int j = 0; j < V::kSize; ++j) values[j] = exp2_approx((values[j] - ref) * kLog2e);
+#pragma unroll
+    for (int width = V::kSize / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int j = 0; j < width; ++j) values[j] += values[j + width];
+    }
+    sums[i] = values[0];
+  }
+#pragma unroll
+  for (int width = kVecs / 2; width > 0; width /= 2) {
+#pragma unroll
+    for (int i = 0; i < width; ++i) sums[i] += sums[i + width];
+  }
+  Stats stats = block_merge({max, sums[0]}, warp_stats);
+
+  if (cluster > 1) {
+    if (threadIdx.x == 0) block_stats = stats;
+    cluster_arrive();  // release: this block's stats (and its reads of the row) are done
+    cluster_wait();    // acquire: every block's stats are visible
+    stats = {-INFINITY, 0.f};
+    for (int q = 0; q < cluster; ++q) stats = merge(stats, load_cluster_stats(&block_stats, q));
+    cluster_arrive();  // done reading the others' shared memory; each block waits for all before it exits
+  }
+  if (rank == 0 && threadIdx.x == 0) p.losses[row] = row_loss(stats, target_logit);
+
+  if constexpr (WRITE_GRAD) {
+    const float scale = grad_scale(p.divisor);
+    const float prob_scale = scale / stats.sum;
+    const int target_vec = in_range ? static_cast<int>((target + x_shift) / V::kSize) : -1;
+    const int target_lane = static_cast<int>((target + x_shift) % V::kSize);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int k = first_vec + i * kThreads;
+      float values[V::kSize];
+      unpack_opaque<scalar_t>(raw[i], values);
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        const bool is_target = k == target_vec && j == target_lane;
+        values[j] = fmaf(exp2_approx((values[j] - stats.max) * kLog2e), prob_scale, is_target ? -scale : 0.f);
+      }
+      store_vec<scalar_t>(g, g_shift, x_shift, k, p.vocab, V::pack(values));
+    }
+  }
+  if (cluster > 1) cluster_wait();
+#else
+  __trap();  // launched on sm_90 or newer only (see launch_cross_entropy)
+#endif
 }
 
 struct ScaleParams {

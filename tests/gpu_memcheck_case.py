@@ -4,7 +4,8 @@
 
 Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read one element past a row as
 out of bounds. The cases include out-of-range and ignored targets, odd vocabularies, sliced rows, in-place
-gradients, both launch paths (one block per row; the vocabulary split over blocks) and scale_grad_. Exits non-zero
+gradients, every launch path (the cluster path of sm_90, with 2 and 8 vectors per thread; one block per row; the
+vocabulary split over blocks) and scale_grad_. Exits non-zero
 if a result is wrong; memcheck reports any bad access on its own.
 """
 import os
@@ -17,10 +18,14 @@ IGNORE = -100
 
 
 def run_case(B, T, V, dtype, splits, inplace, slice_rows):
-    """splits: vocabulary splits per row, forced through FASTCE_CUDA_NUM_SPLITS (read at every launch); None: auto."""
-    if splits is None:
-        os.environ.pop("FASTCE_CUDA_NUM_SPLITS", None)
-    else:
+    """splits: vocabulary splits per row, forced through FASTCE_CUDA_NUM_SPLITS with the cluster path off (both read
+    at every launch); "cluster2" / "cluster8": the cluster path with that many vectors per thread; None: auto."""
+    os.environ.pop("FASTCE_CUDA_NUM_SPLITS", None)
+    os.environ.pop("FASTCE_CUDA_CLUSTER", None)
+    if isinstance(splits, str):
+        os.environ["FASTCE_CUDA_CLUSTER"] = splits.removeprefix("cluster")
+    elif splits is not None:
+        os.environ["FASTCE_CUDA_CLUSTER"] = "0"
         os.environ["FASTCE_CUDA_NUM_SPLITS"] = str(splits)
     full = torch.randn(B, T + slice_rows, V, device="cuda", dtype=torch.float32).mul_(3).to(dtype)
     logits = full[:, slice_rows:]  # rows of a slice: not 16-byte aligned when V is odd
@@ -52,11 +57,12 @@ def main():
     torch.manual_seed(0)
     cuda_ce.load_extension()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for V, splits in [(1, 1), (7, 1), (1001, 1), (1001, 3), (40003, 1), (40003, 4)]:
+        for V, splits in [(1, 1), (7, 1), (1001, 1), (1001, 3), (40003, 1), (40003, 4), (1, "cluster2"),
+                          (1001, "cluster2"), (40003, "cluster2"), (40003, "cluster8"), (70001, "cluster8")]:
             for inplace in (False, True):
                 run_case(2, 3, V, dtype, splits, inplace, slice_rows=1)
     run_case(1, 1, 5, torch.bfloat16, None, False, slice_rows=0)
-    run_case(2, 4, 256000, torch.bfloat16, None, True, slice_rows=0)  # few rows: split by default
+    run_case(2, 4, 256000, torch.bfloat16, None, True, slice_rows=0)  # few rows: clusters of 8 blocks by default
     print("memcheck cases ran: compute-sanitizer's summary above says whether any access was bad")
 
 

@@ -143,17 +143,24 @@ def test_cpu_tensors_are_not_dispatched(ops):
 
 # -- GPU: the kernels against float64 ---------------------------------------------------------------------------------
 
-# Launch paths, forced through FASTCE_CUDA_NUM_SPLITS (read at every launch): "auto" is the shape's own choice;
-# "rows" is one block per row; "split" cuts each row's vocabulary into about 5 blocks (fewer when V is small).
-PATHS = {"auto": None, "rows": "1", "split": "5"}
+# Launch paths, forced through environment variables the launcher reads at every launch: "auto" is the shape's own
+# choice (the cluster path on sm_90 and newer); "cluster2" is the cluster path with 2 vectors per thread, so that
+# small vocabularies span clusters of several blocks; "rows" is one block per row; "split" cuts each row's
+# vocabulary into about 5 blocks (fewer when V is small).
+PATHS = {
+    "auto": {},
+    "cluster2": {"FASTCE_CUDA_CLUSTER": "2"},
+    "rows": {"FASTCE_CUDA_CLUSTER": "0", "FASTCE_CUDA_NUM_SPLITS": "1"},
+    "split": {"FASTCE_CUDA_CLUSTER": "0", "FASTCE_CUDA_NUM_SPLITS": "5"},
+}
 
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    if PATHS[request.param] is None:
-        monkeypatch.delenv("FASTCE_CUDA_NUM_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("FASTCE_CUDA_NUM_SPLITS", PATHS[request.param])
+    for name in ("FASTCE_CUDA_CLUSTER", "FASTCE_CUDA_NUM_SPLITS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in PATHS[request.param].items():
+        monkeypatch.setenv(name, value)
     return request.param
 
 
