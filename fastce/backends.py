@@ -7,10 +7,12 @@ import torch
 
 BACKENDS = ("triton", "cuda", "torch")
 
-# "auto" on CUDA tensors, from benchmarks/results/auto-backend.md (H100, bf16, fwd+bwd end to end): Triton is faster
-# at every standard shape (1.83 vs 2.91 ms at 4x2048x128256); the CUDA backend only when rows are few, where its
-# C++ launch costs less host time than Triton's Python launcher (0.48 vs 0.72 ms at 1x256x256000).
+# "auto" on CUDA tensors, from benchmarks/results/auto-backend.md (H100, bf16, end to end). With a gradient on sm_90
+# and newer, the CUDA backend: its cluster path reads each row once (1.50 vs 1.66 ms at 4x2048x128256). Forward only
+# (and on older GPUs, where the CUDA backend has no cluster path), Triton, whose streaming kernel reads faster, except
+# for at most _AUTO_CUDA_MAX_ROWS rows, where the CUDA backend's C++ launch costs less host time.
 _AUTO_CUDA_MAX_ROWS = 512
+_CLUSTER_MIN_MAJOR = 9  # compute capability of the CUDA backend's cluster path (thread-block clusters)
 
 
 _TRITON_IMPORT_ERROR: list = []  # filled once; a plain list rather than lru_cache, which torch.compile warns about
@@ -55,13 +57,20 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
+def _has_clusters(device: torch.device) -> bool:
+    """Whether the CUDA backend takes its cluster path on ``device`` (thread-block clusters: sm_90 and newer)."""
+    return torch.cuda.get_device_capability(device)[0] >= _CLUSTER_MIN_MAJOR
+
+
 def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     """The concrete backend for ``logits``; raises ``ValueError`` naming the reason if it cannot run."""
     if backend == "auto":
         if logits.device.type != "cuda":
             return "torch"
         rows = logits.numel() // max(logits.shape[-1], 1)
-        preferred = ("cuda", "triton") if rows <= _AUTO_CUDA_MAX_ROWS else ("triton", "cuda")
+        needs_grad = torch.is_grad_enabled() and logits.requires_grad
+        cuda_first = (needs_grad and _has_clusters(logits.device)) or rows <= _AUTO_CUDA_MAX_ROWS
+        preferred = ("cuda", "triton") if cuda_first else ("triton", "cuda")
         for name in preferred:
             if unavailable_reason(name) is None:
                 return name

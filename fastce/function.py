@@ -20,8 +20,17 @@ def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
 
 
 def _fwd(*args):
-    # Custom op under torch.compile (one opaque node), its Python implementation in eager mode (no dispatcher cost).
-    return (ops.cross_entropy_fwd if torch.compiler.is_compiling() else ops.cross_entropy_fwd_impl)(*args)
+    """(losses, grad, pending validation or None). Under torch.compile, the custom op (one opaque node), which checks
+    before it returns; in eager mode its Python implementation (no dispatcher cost), whose check the caller runs
+    once it has queued the loss's sum (see ``ops.launch_fwd``)."""
+    if torch.compiler.is_compiling():
+        return (*ops.cross_entropy_fwd(*args), None)
+    return ops.launch_fwd(*args)
+
+
+def _check(pending) -> None:
+    if pending is not None:
+        pending.check()
 
 
 def _fwd_inplace(logits, *args):
@@ -43,13 +52,15 @@ class FusedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend):
         if inplace:
             losses = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
-            grad = logits
+            grad, pending = logits, None
         else:
-            losses, grad = _fwd(logits, targets, divisor, ignore_index, True, validate, backend)
+            losses, grad, pending = _fwd(logits, targets, divisor, ignore_index, True, validate, backend)
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.backward_done = False
-        return _sum_over(losses, divisor) if reduce else losses
+        out = _sum_over(losses, divisor) if reduce else losses
+        _check(pending)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -81,5 +92,7 @@ def fused_cross_entropy(
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return FusedCrossEntropy.apply(logits, targets, divisor, ignore_index, reduce, inplace, validate, backend)
-    losses, _ = _fwd(logits, targets, divisor, ignore_index, False, validate, backend)
-    return _sum_over(losses, divisor) if reduce else losses
+    losses, _, pending = _fwd(logits, targets, divisor, ignore_index, False, validate, backend)
+    out = _sum_over(losses, divisor) if reduce else losses
+    _check(pending)
+    return out

@@ -95,16 +95,26 @@ def _start_validation(validate: bool, targets: Tensor, vocab_size: int, ignore_i
     return None
 
 
-def cross_entropy_fwd_impl(
+def launch_fwd(
     logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
-    (else an empty tensor)."""
+):
+    """``cross_entropy_fwd_impl`` without the wait: ``(losses, grad, pending)``, where ``pending`` is None or has a
+    ``check()`` that raises on a bad target. The eager path queues more GPU work (the loss's sum) before it calls
+    ``check()``, so the GPU has queued work while the host waits for the answer."""
     _check_layout(logits, targets, divisor)
     pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
     kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad if compute_grad else None, ignore_index)
+    return losses, grad, pending
+
+
+def cross_entropy_fwd_impl(
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
+    (else an empty tensor)."""
+    losses, grad, pending = launch_fwd(logits, targets, divisor, ignore_index, compute_grad, validate, backend)
     if pending is not None:
         pending.check()
     return losses, grad
@@ -124,8 +134,11 @@ def cross_entropy_fwd_inplace_impl(
 ) -> Tensor:
     """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``."""
     _check_layout(logits, targets, divisor)
-    if validate:  # before the launch: in-place, a launch would overwrite the caller's logits before we could raise
-        validate_targets(targets, logits.shape[-1], ignore_index)
+    # Before the launch: in place, a launch would overwrite the caller's logits before we could raise. The wait polls
+    # (as the overlapped check does) rather than blocking in a device-to-host copy.
+    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
+    if pending is not None:
+        pending.check()
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index)
     return losses

@@ -6,9 +6,13 @@ loads and compiles nothing; ``load_extension()`` (called by the launchers and by
 ``fastce._C`` or, if it was not built but a GPU, nvcc and the ``csrc/`` sources are here, compiles it just in time
 (once: torch caches the build).
 
-Launch tuning, read from the environment at every launch (defaults come from the SM count and the L2 size):
-``FASTCE_CUDA_NUM_SPLITS=n`` cuts each row's vocabulary into about n blocks (1: one block per row), and
-``FASTCE_CUDA_ROW_BLOCKS_PER_SM=n`` sets the blocks per SM of the one-block-per-row path.
+Launch paths: on sm_90 and newer, the cluster path (one thread-block cluster per row, the row held in registers and
+read once); elsewhere, or where a row needs more than 16 blocks, the row path (one block per row, two passes) or the
+split path (few rows: each row's vocabulary over several blocks). Launch tuning, read from the environment at every
+launch (defaults come from the compute capability, the SM count and the L2 size): ``FASTCE_CUDA_CLUSTER=0`` turns
+the cluster path off, ``=2`` / ``=8`` forces its 16-byte vectors per thread; ``FASTCE_CUDA_NUM_SPLITS=n`` cuts each
+row's vocabulary into about n blocks (1: one block per row), and ``FASTCE_CUDA_ROW_BLOCKS_PER_SM=n`` sets the
+blocks per SM of the one-block-per-row path.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source chec
 # What load_extension found: None before it ran, "" once the ops are loaded, else why they cannot be. A plain
 # global rather than functools.lru_cache, which torch.compile warns about.
 _load_error: str | None = None
+_has_cuda: list = []  # torch.cuda.is_available(), asked once: backend="auto" asks at every call
 
 
 def load_extension() -> None:
@@ -50,7 +55,9 @@ def unavailable_reason() -> str | None:
         load_extension()
     except RuntimeError as exc:
         return str(exc)
-    if not torch.cuda.is_available():
+    if not _has_cuda:
+        _has_cuda.append(torch.cuda.is_available())
+    if not _has_cuda[0]:
         return "no CUDA device (torch.cuda.is_available() is False): fastce._C is loaded, but its kernels need a GPU"
     return None
 
