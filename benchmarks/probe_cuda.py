@@ -68,8 +68,10 @@ def variants() -> None:
 SHAPES = [(4, 2048, 32000), (4, 2048, 128256), (2, 4096, 151936), (2, 4096, 256000), (1, 512, 256000)]
 # CUDA launch paths (environment read at every launch): the cluster path (sm_90 default, or as FASTCE_CUDA_CLUSTER
 # was set for this run), and the row/split paths.
-PATHS = {"cuda cluster": {"FASTCE_CUDA_CLUSTER": os.environ.get("FASTCE_CUDA_CLUSTER", "")},
-         "cuda rows": {"FASTCE_CUDA_CLUSTER": "0"}}
+PATHS = {"cuda cluster": {"FASTCE_CUDA_CLUSTER": os.environ.get("FASTCE_CUDA_CLUSTER", ""),
+                          "FASTCE_CUDA_FWD_PARTIALS": ""},
+         "cuda fwd-in-clusters": {"FASTCE_CUDA_FWD_PARTIALS": "0"},
+         "cuda rows": {"FASTCE_CUDA_CLUSTER": "0", "FASTCE_CUDA_FWD_PARTIALS": ""}}
 
 
 def main():
@@ -99,6 +101,7 @@ def main():
             print(f"{B}x{T}x{V:<7d} {name:13s} {line}", flush=True)
         del logits, grad
     os.environ.pop("FASTCE_CUDA_CLUSTER", None)
+    os.environ.pop("FASTCE_CUDA_FWD_PARTIALS", None)
 
 
 def _copy_gbps() -> float:

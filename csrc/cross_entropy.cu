@@ -166,10 +166,33 @@ bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t strea
   return true;
 }
 
+// Forward only, rows of several blocks: the blocks write partial stats that split_finish_kernel merges (no cluster
+// to co-schedule). FASTCE_CUDA_FWD_PARTIALS=0 uses the cluster kernel instead.
+template <typename scalar_t, typename target_t, int kVecs>
+void launch_partials(CrossEntropyParams p, int blocks_per_row, const at::Tensor& logits, cudaStream_t stream) {
+  p.num_splits = blocks_per_row;
+  const at::Tensor workspace =
+      at::empty({p.num_rows * (2 * blocks_per_row + 1)}, logits.options().dtype(at::kFloat));
+  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
+  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * blocks_per_row;
+  const auto blocks = static_cast<unsigned int>(p.num_rows * blocks_per_row);
+  cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, false, true><<<blocks, kThreads, 0, stream>>>(p, blocks_per_row);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  split_finish_kernel<scalar_t, target_t, false><<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, typename target_t>
-bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, const at::Tensor& logits,
+                      cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
   const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, dev.major);
+  const char* partials_env = std::getenv("FASTCE_CUDA_FWD_PARTIALS");
+  if (!write_grad && plan.cluster > 1 && !(partials_env != nullptr && std::string(partials_env) == "0")) {
+    if (plan.vecs == 2) launch_partials<scalar_t, target_t, 2>(p, plan.cluster, logits, stream);
+    if (plan.vecs == 8) launch_partials<scalar_t, target_t, 8>(p, plan.cluster, logits, stream);
+    return true;
+  }
   switch (plan.vecs) {
     case 2:
       return write_grad ? launch_cluster<scalar_t, target_t, 2, true>(p, plan.cluster, stream)
@@ -186,7 +209,7 @@ template <typename scalar_t, typename target_t>
 void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
   const DeviceInfo dev = device_info(logits.get_device());
-  if (try_cluster_path<scalar_t, target_t>(p, dev, stream)) return;
+  if (try_cluster_path<scalar_t, target_t>(p, dev, logits, stream)) return;
 
   // Row path: blocks per SM, from the L2 budget when there is a pass 2 (FASTCE_CUDA_ROW_BLOCKS_PER_SM=n forces n).
   const int64_t rows_occupancy = write_grad ? max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, true>>()
@@ -264,7 +287,8 @@ void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char
 }  // namespace
 
 void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& divisor,
-                       const at::Tensor& losses, const std::optional<at::Tensor>& grad, int64_t ignore_index) {
+                       const at::Tensor& losses, const std::optional<at::Tensor>& grad, int64_t ignore_index,
+                       const std::optional<at::Tensor>& skip) {
   constexpr const char* op = "fastce_cuda::cross_entropy_fwd";
   check_rows(logits, op, "logits");
   const int64_t batch = logits.size(0), seq_len = logits.size(1), vocab = logits.size(2);
@@ -296,6 +320,11 @@ void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, cons
     TORCH_CHECK(same_view || at::get_overlap_status(g, logits) != at::MemOverlapStatus::Partial, op,
                 ": grad must be the logits themselves or not overlap them");
   }
+  if (skip.has_value()) {
+    check_same_device(*skip, logits, op, "skip");
+    TORCH_CHECK(skip->dim() == 0 && skip->scalar_type() == at::kBool, op, ": skip must be a 0-dim bool tensor, got ",
+                skip->scalar_type(), " of shape ", str(skip->sizes()));
+  }
   const int64_t num_rows = batch * seq_len;
   if (num_rows == 0) return;
 
@@ -317,6 +346,7 @@ void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, cons
   p.seq_len = seq_len;
   p.ignore_index = ignore_index;
   p.vocab = static_cast<int>(vocab);
+  p.skip = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
   FASTCE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "fastce_cross_entropy_fwd", [&] {
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "fastce_cross_entropy_fwd_targets",
                             [&] { launch_cross_entropy<scalar_t, index_t>(p, logits, stream); });

@@ -348,6 +348,7 @@ struct CrossEntropyParams {
   int64_t seq_len;   // T
   int64_t ignore_index;
   int vocab;  // V
+  const bool* skip;  // 0-dim on the device, or nullptr: when it holds true, every kernel returns at once
   // Split path only.
   Stats* partials;       // [num_rows, num_splits]
   float* target_logits;  // [num_rows]: x[target], NaN when the target is out of range
@@ -381,6 +382,9 @@ __device__ __forceinline__ typename Elem<scalar_t>::Bits* grad_row(const CrossEn
   return static_cast<typename Elem<scalar_t>::Bits*>(p.grad) + r.b * p.grad_stride_b + r.t * p.grad_stride_t;
 }
 
+// The skip flag: the same for every thread of the launch, so a kernel may return on it before any barrier.
+__device__ __forceinline__ bool skipped(const CrossEntropyParams& p) { return p.skip != nullptr && *p.skip; }
+
 __device__ __forceinline__ float grad_scale(const double* divisor) {
   const double d = *divisor;
   return static_cast<float>(1.0 / (d == 0.0 ? 1.0 : d));
@@ -391,6 +395,7 @@ template <typename scalar_t, typename target_t, bool WRITE_GRAD>
 __global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(const CrossEntropyParams p) {
   using E = Elem<scalar_t>;
   __shared__ Stats warp_stats[kWarps];
+  if (skipped(p)) return;
   const float scale = WRITE_GRAD ? grad_scale(p.divisor) : 0.f;
   for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
     const Row r = row_coords(row, p.seq_len);
@@ -418,6 +423,7 @@ template <typename scalar_t, typename target_t>
 __global__ void __launch_bounds__(kThreads) split_stats_kernel(const CrossEntropyParams p) {
   using E = Elem<scalar_t>;
   __shared__ Stats warp_stats[kWarps];
+  if (skipped(p)) return;
   const int64_t row = blockIdx.x / p.num_splits;
   const int split = static_cast<int>(blockIdx.x % p.num_splits);
   const Row r = row_coords(row, p.seq_len);
@@ -438,6 +444,7 @@ __global__ void __launch_bounds__(kThreads) split_stats_kernel(const CrossEntrop
 // to run re-read what kernel A read last, the part most likely still in L2.
 template <typename scalar_t, typename target_t, bool WRITE_GRAD>
 __global__ void __launch_bounds__(kThreads) split_finish_kernel(const CrossEntropyParams p) {
+  if (skipped(p)) return;
   const int splits_launched = WRITE_GRAD ? p.num_splits : 1;
   const int64_t block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const int64_t row = block / splits_launched;
@@ -637,15 +644,19 @@ constexpr int cluster_min_blocks() {
 }
 
 // One cluster of `cluster` blocks per row; launched with cluster dimensions (cluster, 1, 1) on sm_90 or newer only.
-template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD>
+// PARTIALS (forward only): no cluster; each block writes its slice's stats to p.partials[row, rank] (and rank 0 the
+// target logit to p.target_logits), for split_finish_kernel to merge: blocks of a row need not be co-scheduled.
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool PARTIALS = false>
 __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRAD>()))
     cross_entropy_cluster_kernel(const CrossEntropyParams p, int cluster) {
+  static_assert(!(PARTIALS && WRITE_GRAD), "the partials variant is forward only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using E = Elem<scalar_t>;
   using V = Vec<scalar_t>;
   using Bits = typename E::Bits;
   __shared__ Stats warp_stats[kWarps];
   __shared__ Stats block_stats;  // read by the other blocks of the cluster
+  if (skipped(p)) return;  // every block of every cluster: no barrier is left waiting
   const int64_t row = blockIdx.x / cluster;
   const int rank = static_cast<int>(blockIdx.x - row * cluster);  // the block's rank in its cluster
   const Row r = row_coords(row, p.seq_len);
@@ -699,6 +710,13 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   }
   Stats stats = block_merge({max, sums[0]}, warp_stats);
 
+  if constexpr (PARTIALS) {
+    if (threadIdx.x == 0) {
+      p.partials[row * cluster + rank] = stats;
+      if (rank == 0) p.target_logits[row] = target_logit;
+    }
+    return;
+  }
   if (cluster > 1) {
     if (threadIdx.x == 0) block_stats = stats;
     cluster_arrive();  // release: this block's stats (and its reads of the row) are done

@@ -16,10 +16,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastce_cuda, m) {
-  // Out-variants: they allocate nothing and return nothing; grad is None for a forward-only call.
+  // Out-variants: they allocate nothing and return nothing; grad is None for a forward-only call. skip: a 0-dim
+  // bool on the device; when it holds true the launch writes nothing (a validation that failed, answered later).
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor targets, Tensor divisor, Tensor(a!) losses, Tensor(b!)? grad, "
-      "int ignore_index) -> ()");
+      "int ignore_index, Tensor? skip=None) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 

@@ -34,13 +34,14 @@ def _check(pending) -> None:
 
 
 def _fwd_inplace(logits, *args):
+    """(losses, pending validation or None), as ``_fwd``; the gradient overwrites ``logits``."""
     if torch.compiler.is_compiling():
-        return ops.cross_entropy_fwd_inplace(logits, *args)
-    losses = ops.cross_entropy_fwd_inplace_impl(logits, *args)
+        return ops.cross_entropy_fwd_inplace(logits, *args), None
+    losses, pending = ops.launch_fwd_inplace(logits, *args)
     # What the custom op's mutates_args would have done: anything that saved the logits for its own backward
     # now fails autograd's version check instead of reading a gradient.
     torch.autograd.graph.increment_version(logits)
-    return losses
+    return losses, pending
 
 
 def _scale_grad(*args):
@@ -51,8 +52,8 @@ class FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend):
         if inplace:
-            losses = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
-            grad, pending = logits, None
+            losses, pending = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
+            grad = logits
         else:
             losses, grad, pending = _fwd(logits, targets, divisor, ignore_index, True, validate, backend)
         ctx.save_for_backward(grad)

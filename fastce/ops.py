@@ -73,7 +73,8 @@ class _OverlappedValidation:
         if targets.device not in per_device:
             per_device[targets.device] = (torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
         self.flag, self.ready = per_device[targets.device]
-        self.flag.copy_(_bad_targets(*self.args).any(), non_blocking=True)
+        self.bad = _bad_targets(*self.args).any()  # 0-dim bool on the device: the kernels' skip flag in place
+        self.flag.copy_(self.bad, non_blocking=True)
         self.ready.record()
 
     def check(self) -> None:
@@ -129,18 +130,28 @@ def _(logits, targets, divisor, ignore_index, compute_grad, validate, backend):
     return losses, logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
 
 
+def launch_fwd_inplace(
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
+):
+    """``cross_entropy_fwd_inplace_impl`` without the wait: ``(losses, pending)``, as ``launch_fwd``. The kernel
+    gets the check's device-side answer as its skip flag: on a bad target it writes nothing, so the caller's logits
+    survive the error, and the host need not wait for the answer before the launch."""
+    _check_layout(logits, targets, divisor)
+    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
+    losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    skip = pending.bad if pending is not None else None
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index, skip)
+    return losses, pending
+
+
 def cross_entropy_fwd_inplace_impl(
     logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
 ) -> Tensor:
-    """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``."""
-    _check_layout(logits, targets, divisor)
-    # Before the launch: in place, a launch would overwrite the caller's logits before we could raise. The wait polls
-    # (as the overlapped check does) rather than blocking in a device-to-host copy.
-    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
+    """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``, unless a target is bad
+    (``ValueError``, the logits untouched)."""
+    losses, pending = launch_fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
     if pending is not None:
         pending.check()
-    losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index)
     return losses
 
 

@@ -18,6 +18,19 @@ def test_label_out_of_range_raises_naming_it(device, backend, bad):
 
 
 @pytest.mark.parametrize("device, backend", backend_params())
+def test_label_out_of_range_in_place_raises_and_keeps_the_logits(device, backend):
+    """In place, the check is answered after the launch; the kernel is told on the device to write nothing."""
+    logits = random_logits((2, 4, 97), torch.bfloat16, device).requires_grad_()
+    labels = torch.randint(0, 97, (2, 4), device=device)
+    labels[0, 3] = 97
+    logits_view = logits * 1  # a non-leaf, as model outputs are: in-place needs no leaf
+    before = logits_view.detach().clone()
+    with pytest.raises(ValueError, match=r"target 97 at position \(0, 2\)"):
+        fastce.causal_lm_loss(logits_view, labels, backend=backend, inplace_backward=True)
+    assert torch.equal(logits_view.detach(), before)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
 def test_label_out_of_range_without_validation_is_nan(device, backend):
     logits = random_logits((2, 4, 97), torch.float32, device).requires_grad_()
     labels = torch.randint(0, 97, (2, 4), device=device)

@@ -19,7 +19,7 @@ from helpers import assert_grad_close, random_logits, requires_cuda
 IGNORE = -100
 CROSS_ENTROPY_SCHEMA = (
     "fastce_cuda::cross_entropy_fwd(Tensor logits, Tensor targets, Tensor divisor, Tensor(a!) losses, "
-    "Tensor(b!)? grad, int ignore_index) -> ()"
+    "Tensor(b!)? grad, int ignore_index, Tensor? skip=None) -> ()"
 )
 SCALE_GRAD_SCHEMA = "fastce_cuda::scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()"
 
@@ -144,12 +144,14 @@ def test_cpu_tensors_are_not_dispatched(ops):
 # -- GPU: the kernels against float64 ---------------------------------------------------------------------------------
 
 # Launch paths, forced through environment variables the launcher reads at every launch: "auto" is the shape's own
-# choice (the cluster path on sm_90 and newer); "cluster2" is the cluster path with 2 vectors per thread, so that
-# small vocabularies span clusters of several blocks; "rows" is one block per row; "split" cuts each row's
-# vocabulary into about 5 blocks (fewer when V is small).
+# choice (the cluster path on sm_90 and newer; forward only, per-block partial stats merged by a second kernel);
+# "cluster2" is the cluster path with 2 vectors per thread, so that small vocabularies span clusters of several
+# blocks; "cluster2-fwd" also runs forward-only calls in clusters; "rows" is one block per row; "split" cuts each
+# row's vocabulary into about 5 blocks (fewer when V is small).
 PATHS = {
     "auto": {},
     "cluster2": {"FASTCE_CUDA_CLUSTER": "2"},
+    "cluster2-fwd": {"FASTCE_CUDA_CLUSTER": "2", "FASTCE_CUDA_FWD_PARTIALS": "0"},
     "rows": {"FASTCE_CUDA_CLUSTER": "0", "FASTCE_CUDA_NUM_SPLITS": "1"},
     "split": {"FASTCE_CUDA_CLUSTER": "0", "FASTCE_CUDA_NUM_SPLITS": "5"},
 }
@@ -157,7 +159,7 @@ PATHS = {
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    for name in ("FASTCE_CUDA_CLUSTER", "FASTCE_CUDA_NUM_SPLITS"):
+    for name in ("FASTCE_CUDA_CLUSTER", "FASTCE_CUDA_NUM_SPLITS", "FASTCE_CUDA_FWD_PARTIALS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in PATHS[request.param].items():
         monkeypatch.setenv(name, value)

@@ -54,6 +54,43 @@ def test_fwd_writes_every_output(device, backend, dtype, shape, target_dtype):
 
 
 @pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("grad_mode", ["new", "inplace", "none"])
+def test_skip_flag(device, backend, grad_mode):
+    """skip=True: nothing is written (poisoned outputs stay poisoned, in-place logits stay intact); False: as usual."""
+    logits = random_logits((2, 3, 1000), torch.bfloat16, device)
+    before = logits.clone()
+    targets = torch.randint(0, 1000, (2, 3), device=device)
+    targets[1, 1] = -100
+    divisor = torch.tensor(2.0, dtype=torch.float64, device=device)
+    for flag in (True, False):
+        losses = torch.full((2, 3), float("nan"), device=device)
+        grad = {"new": torch.full_like(logits, float("nan")), "inplace": logits, "none": None}[grad_mode]
+        skip = torch.tensor(flag, device=device)
+        kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad, -100, skip)
+        if flag:
+            assert torch.isnan(losses).all()
+            assert grad is None or (torch.isnan(grad).all() if grad_mode == "new" else torch.equal(grad, before))
+        else:
+            torch.testing.assert_close(losses.double(), cross_entropy_reference(before, targets), rtol=1e-6, atol=1e-6)
+            if grad is not None:
+                assert_grad_close(grad, cross_entropy_grad_reference(before, targets, 2.0, -100))
+
+
+@pytest.mark.parametrize("device", [p.values[0] for p in backend_params() if p.values[1] == "triton"])
+def test_triton_skip_flag_split_path(device):
+    from fastce.kernels import triton_ce
+
+    logits = random_logits((1, 2, 32768 + 5), torch.bfloat16, device)
+    before = logits.clone()
+    targets = torch.tensor([[3, 32768 + 4]], device=device)
+    losses = torch.full((1, 2), float("nan"), device=device)
+    divisor = torch.tensor(1.0, dtype=torch.float64, device=device)
+    triton_ce.cross_entropy_fwd(logits, targets, divisor, losses, logits, -100, torch.tensor(True, device=device),
+                                num_splits=2)
+    assert torch.isnan(losses).all() and torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
 def test_fwd_strided_rows_and_loss_only(device, backend):
     """Rows of a slice (two row strides, no copy); forward-only leaves no gradient work behind."""
     full = random_logits((3, 9, 301), torch.bfloat16, device)

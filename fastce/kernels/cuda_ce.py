@@ -62,9 +62,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int) -> None:
+def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, skip=None) -> None:
     load_extension()
-    torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index)
+    torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index, skip)
 
 
 def scale_grad_(grad, grad_output) -> None:
@@ -126,7 +126,7 @@ def _register_fakes() -> None:
     arguments and return nothing, so a fake only checks what the CUDA launcher checks about shapes and dtypes."""
 
     @torch.library.register_fake("fastce_cuda::cross_entropy_fwd")
-    def _(logits, targets, divisor, losses, grad, ignore_index):
+    def _(logits, targets, divisor, losses, grad, ignore_index, skip=None):
         torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
         torch._check(
             tuple(targets.shape) == tuple(logits.shape[:2]),

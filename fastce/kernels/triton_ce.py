@@ -101,6 +101,14 @@ def _loss(row_logits_ptr, lse, target, vocab_size):
 
 
 @triton.jit
+def _skipped(skip_ptr, HAS_SKIP: tl.constexpr):
+    if HAS_SKIP:
+        return tl.load(skip_ptr) != 0
+    else:
+        return False
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr,  # *[B, T, V] fp16/bf16/fp32 input; unit stride over V
     logits_stride_b,  # elements between batches of logits
@@ -116,17 +124,21 @@ def _cross_entropy_fwd_kernel(
     seq_len,  # T
     vocab_size,  # V
     ignore_index,
+    skip_ptr,  # *[] bool: when it holds True the program writes nothing; unused unless HAS_SKIP
     BLOCK_V: tl.constexpr,  # vocabulary chunk streamed per step; SINGLE_CHUNK: the whole row
     SINGLE_CHUNK: tl.constexpr,  # V <= BLOCK_V: keep the row in registers (one read, one exp per element)
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no_grad / evaluation)
     NUM_STAGES: tl.constexpr,  # chunks of a row in flight in the streaming loops
     CACHE_HINTS: tl.constexpr,  # L2 eviction hints in the streaming loops (see _max_sum)
+    HAS_SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + _row_offsets(row, seq_len, logits_stride_b, logits_stride_t)
     row_grad_ptr = grad_ptr + _row_offsets(row, seq_len, grad_stride_b, grad_stride_t)
     target = tl.load(targets_ptr + _row_offsets(row, seq_len, targets_stride_b, targets_stride_t)).to(tl.int64)
-    if target == ignore_index:
+    if _skipped(skip_ptr, HAS_SKIP):
+        pass
+    elif target == ignore_index:
         tl.store(losses_ptr + row, 0.0)
         if COMPUTE_GRAD:
             _write_zeros(row_grad_ptr, 0, vocab_size, BLOCK_V)
@@ -194,12 +206,14 @@ def _split_finish_kernel(
     vocab_size,
     split_len,
     ignore_index,
+    skip_ptr,  # as in _cross_entropy_fwd_kernel
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,  # NUM_SPLITS rounded up to a power of two (tl.arange needs one)
     BLOCK_V: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     CACHE_HINTS: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -208,7 +222,9 @@ def _split_finish_kernel(
     target = tl.load(targets_ptr + _row_offsets(row, seq_len, targets_stride_b, targets_stride_t)).to(tl.int64)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, vocab_size)
-    if target == ignore_index:
+    if _skipped(skip_ptr, HAS_SKIP):
+        pass
+    elif target == ignore_index:
         if split == 0:
             tl.store(losses_ptr + row, 0.0)
         if COMPUTE_GRAD:
@@ -293,7 +309,8 @@ def _launch_config(vocab_size: int, num_rows: int, device: torch.device) -> tupl
     return block_v, num_warps, num_splits, num_stages
 
 
-def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, *, num_splits: int | None = None) -> None:
+def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, skip=None, *,
+                      num_splits: int | None = None) -> None:
     """The contract's launcher; ``num_splits`` overrides the split-path choice (tests and tuning)."""
     batch, seq_len, vocab_size = logits.shape
     num_rows = batch * seq_len
@@ -305,6 +322,7 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
     if num_splits is not None:
         splits = num_splits
     grad_arg = grad if grad is not None else logits  # never written when COMPUTE_GRAD is False
+    skip_arg = skip if skip is not None else divisor  # never read when HAS_SKIP is False
     common = (logits, logits.stride(0), logits.stride(1))
     if splits <= 1:
         _cross_entropy_fwd_kernel[(num_rows,)](
@@ -312,9 +330,10 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
             targets, targets.stride(0), targets.stride(1),
             divisor, losses,
             grad_arg, grad_arg.stride(0), grad_arg.stride(1),
-            seq_len, vocab_size, ignore_index,
+            seq_len, vocab_size, ignore_index, skip_arg,
             BLOCK_V=block_v, SINGLE_CHUNK=vocab_size <= block_v, COMPUTE_GRAD=grad is not None,
-            NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), num_warps=num_warps,
+            NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), HAS_SKIP=skip is not None,
+            num_warps=num_warps,
         )
         return
     split_len = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
@@ -329,9 +348,10 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
         targets, targets.stride(0), targets.stride(1),
         divisor, losses,
         grad_arg, grad_arg.stride(0), grad_arg.stride(1),
-        partials, seq_len, vocab_size, split_len, ignore_index,
+        partials, seq_len, vocab_size, split_len, ignore_index, skip_arg,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), BLOCK_V=block_v,
-        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size), num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, NUM_STAGES=num_stages, CACHE_HINTS=_cache_hints(vocab_size),
+        HAS_SKIP=skip is not None, num_warps=num_warps,
     )
 
 
