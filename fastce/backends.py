@@ -7,10 +7,10 @@ import torch
 
 BACKENDS = ("triton", "cuda", "torch")
 
-# "auto" on CUDA tensors, from benchmarks/results/auto-backend.md (H100, bf16, end to end). With a gradient on sm_90
-# and newer, the CUDA backend: its cluster path reads each row once (1.50 vs 1.66 ms at 4x2048x128256). Forward only
-# (and on older GPUs, where the CUDA backend has no cluster path), Triton, whose streaming kernel reads faster, except
-# for at most _AUTO_CUDA_MAX_ROWS rows, where the CUDA backend's C++ launch costs less host time.
+# "auto" on CUDA tensors, from benchmarks/results/auto-backend.md (H100, bf16, end to end). On sm_90 and newer, the
+# CUDA backend: its cluster path reads each row once (fwd+bwd 1.50 vs 1.66 ms at 4x2048x128256), forward only it is
+# level with Triton's kernel, and its C++ launch costs less host time. On older GPUs, where the CUDA backend has no
+# cluster path, Triton, except for at most _AUTO_CUDA_MAX_ROWS rows (host-bound shapes).
 _AUTO_CUDA_MAX_ROWS = 512
 _CLUSTER_MIN_MAJOR = 9  # compute capability of the CUDA backend's cluster path (thread-block clusters)
 
@@ -68,8 +68,7 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
         if logits.device.type != "cuda":
             return "torch"
         rows = logits.numel() // max(logits.shape[-1], 1)
-        needs_grad = torch.is_grad_enabled() and logits.requires_grad
-        cuda_first = (needs_grad and _has_clusters(logits.device)) or rows <= _AUTO_CUDA_MAX_ROWS
+        cuda_first = rows <= _AUTO_CUDA_MAX_ROWS or _has_clusters(logits.device)
         preferred = ("cuda", "triton") if cuda_first else ("triton", "cuda")
         for name in preferred:
             if unavailable_reason(name) is None:
