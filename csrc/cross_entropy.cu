@@ -121,12 +121,13 @@ struct ClusterPlan {
 // than the extra blocks in flight gain. FASTCE_CUDA_CLUSTER=0 turns the path off (the row and split paths then run,
 // as on older GPUs); =2 or =8 forces that many vectors per thread where they fit (for tests: =2 makes multi-block
 // clusters out of small vocabularies).
-ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, int major) {
+ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, bool rows_aligned, int major) {
   const char* env = std::getenv("FASTCE_CUDA_CLUSTER");
   if (major < 9 || (env != nullptr && std::string(env) == "0")) return {0, 0};
   const int64_t forced = env_override("FASTCE_CUDA_CLUSTER");
-  // The most 16-byte vectors a row can touch, whatever the misalignment of its start.
-  const int64_t vectors = ceil_div(static_cast<int64_t>(vocab) + vec_size - 1, vec_size);
+  // The most 16-byte vectors a row touches: V / vec_size when every row starts 16-byte aligned, else one more may be
+  // needed (65536 bf16 logits fill 2 blocks of 8 x 512 vectors exactly when aligned; a third block otherwise).
+  const int64_t vectors = ceil_div(static_cast<int64_t>(vocab) + (rows_aligned ? 0 : vec_size - 1), vec_size);
   auto blocks = [&](int vecs) { return ceil_div(vectors, static_cast<int64_t>(vecs) * kThreads); };
   int vecs = (forced == 2 || forced == 8) ? static_cast<int>(forced) : blocks(2) == 1 ? 2 : 8;
   if (blocks(vecs) > kMaxCluster) vecs = 8;
@@ -186,7 +187,10 @@ template <typename scalar_t, typename target_t>
 bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, const at::Tensor& logits,
                       cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
-  const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, dev.major);
+  constexpr int64_t kElem = sizeof(typename Elem<scalar_t>::Bits);
+  const bool rows_aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.logits_stride_b * kElem) % 16 == 0 &&
+                            (p.logits_stride_t * kElem) % 16 == 0;
+  const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, rows_aligned, dev.major);
   const char* partials_env = std::getenv("FASTCE_CUDA_FWD_PARTIALS");
   if (!write_grad && plan.cluster > 1 && !(partials_env != nullptr && std::string(partials_env) == "0")) {
     if (plan.vecs == 2) launch_partials<scalar_t, target_t, 2>(p, plan.cluster, logits, stream);

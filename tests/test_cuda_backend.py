@@ -200,8 +200,10 @@ def labels(B, T, V, device="cuda", dtype=torch.int64):
 
 
 # (B, T, V): V=1; V smaller than a vector; odd V (no row is 16-byte aligned); T=1; a vocabulary a little over a
-# vector multiple; Llama-3's 128256; more rows than SMs, so that "auto" takes the row path.
-SHAPES = [(1, 1, 1), (2, 3, 3), (1, 4, 127), (2, 5, 32003), (3, 1, 8200), (1, 3, 128256), (2, 160, 4000)]
+# vector multiple; Llama-3's 128256; more rows than SMs, so that "auto" takes the row path (without clusters);
+# 65536, whose aligned rows fill whole cluster blocks exactly (2 blocks of 8 vectors x 512 threads in bf16).
+SHAPES = [(1, 1, 1), (2, 3, 3), (1, 4, 127), (2, 5, 32003), (3, 1, 8200), (1, 3, 128256), (2, 160, 4000),
+          (2, 2, 65536)]
 
 
 @gpu
