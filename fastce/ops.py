@@ -61,7 +61,8 @@ class _OverlappedValidation:
     copied to pinned memory, and the host waits for that copy only (not for the kernel) before it decides.
 
     The kernel is safe on bad targets (a NaN row, no out-of-bounds read), so launching it before the answer is
-    known is harmless; its outputs are dropped when the check raises.
+    known is harmless; its outputs are dropped when the check raises. In place, the answer's device copy ``bad`` is
+    also the kernel's skip flag: the launch writes nothing when a target is bad, so the caller's logits survive.
     """
 
     # One pinned flag and one event per thread and device, reused: allocating them each call costs more.

@@ -50,3 +50,20 @@ def test_suite_runs_on_one_cpu_shape(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["cpu.csv", "cpu.json", "cpu.md"]
     assert "| fastce-torch | fwd+bwd |" in (tmp_path / "cpu.md").read_text()
+
+
+def test_auto_backend_table_reads_suite_results(tmp_path, capsys):
+    """benchmarks/auto_backend_table.py on a results JSON: one row per shape and mode that has both backends."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "auto_backend_table.py"
+    spec = importlib.util.spec_from_file_location("auto_backend_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    header = {"device": "GPU", "torch_version": "t", "triton_version": "x", "date": "d", "dtype": "bfloat16",
+              "validate": True}
+    rows = [{"impl": impl, "mode": "fwd+bwd", "rows": 8, "vocab": 5, "status": "ok", "median_ms": ms}
+            for impl, ms in [("fastce-triton", 2.0), ("fastce-cuda", 1.0), ("hf-eager", 9.0)]]
+    rows.append({"impl": "fastce-triton", "mode": "fwd", "rows": 8, "vocab": 5, "status": "ok", "median_ms": 1.0})
+    (tmp_path / "r.json").write_text(json.dumps({"header": header, "rows": rows}))
+    table.main(str(tmp_path / "r.json"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 ")]
+    assert lines == ["| 8 × 5 | fwd+bwd | 2.000 | **1.000** | 0.50 |"]
