@@ -8,12 +8,15 @@ from fastce import ops
 from helpers import assert_grad_close, assert_loss_close, backend_params, padded_labels, random_logits
 
 
-def _train_step(logits, labels, num_items, backend):
-    return fastce.causal_lm_loss(logits * 1.0, labels, num_items_in_batch=num_items, backend=backend)
+def _train_step(logits, labels, num_items, backend, inplace=False):
+    # logits * 1.0 stands in for the LM head: the loss gets a non-leaf, which in-place mode may overwrite.
+    return fastce.causal_lm_loss(logits * 1.0, labels, num_items_in_batch=num_items, backend=backend,
+                                 inplace_backward=inplace)
 
 
 @pytest.mark.parametrize("device, backend", backend_params())
-def test_compile_fullgraph_matches_eager(device, backend):
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_compile_fullgraph_matches_eager(device, backend, inplace):
     torch._dynamo.reset()
     compiler = "inductor" if device == "cuda" else "aot_eager"  # inductor on the CPU would need minutes of C++ builds
     step = torch.compile(_train_step, fullgraph=True, backend=compiler, dynamic=False)
@@ -22,7 +25,7 @@ def test_compile_fullgraph_matches_eager(device, backend):
     num_items = (labels[:, 1:] != -100).sum() + 1
     logits = random_logits((B, T, V), torch.bfloat16, device).requires_grad_()
     eager = logits.detach().clone().requires_grad_()
-    loss = step(logits, labels, num_items, backend)
+    loss = step(logits, labels, num_items, backend, inplace)
     loss.backward()
     ref = _train_step(eager, labels, num_items, backend)
     ref.backward()
