@@ -1,6 +1,6 @@
 // Fused shifted cross-entropy: host entry points of the fastce_cuda ops. They check the arguments, choose the
-// launch (row path or split path, grid sizes: see cross_entropy_kernels.cuh for the kernels) and launch on the
-// current stream.
+// launch (cluster path on sm_90 and newer, else row path or split path; grid sizes: see cross_entropy_kernels.cuh
+// for the kernels) and launch on the current stream.
 #include "cross_entropy.h"
 
 #include <ATen/Dispatch.h>

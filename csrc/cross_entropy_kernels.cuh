@@ -9,7 +9,10 @@
 // Both are taken relative to the max, not to logsumexp: a float32 logsumexp carries the rounding of the logits'
 // magnitude, which would swamp small losses and the gradient of a target whose probability is close to 1.
 //
-// Two paths (the host picks one, see choose_splits in cross_entropy.cu):
+// Three paths (the host picks one, see try_cluster_path and choose_splits in cross_entropy.cu):
+//   cluster path (sm_90 and newer, the default there): one thread-block cluster per row, the row held in registers
+//              and read once; see "Cluster path" below. Forward only, its blocks write partial stats instead, which
+//              the split path's kernel B merges.
 //   row path   (many rows): a persistent grid, one block per row at a time. Pass 1 reads the row for the running
 //              (max, sum); pass 2 re-reads it, mostly from L2 (the grid is sized from the L2 size, and gradient
 //              stores are evict-first), and writes the gradient. A block touches only its own row, so grad may be
