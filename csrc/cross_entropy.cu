@@ -84,6 +84,22 @@ int64_t env_override(const char* name) {
   return (value != nullptr && *value != '\0') ? std::max<int64_t>(std::atoll(value), 1) : 0;
 }
 
+// True when the environment variable is exactly "0" (a switch turned off; env_override reads 0 as unset).
+bool env_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::string(value) == "0";
+}
+
+// The split path's float32 workspace, from the caching allocator: (max, sum) per (row, split), then the target logit
+// per row; p.partials and p.target_logits point into it, for p.num_splits splits. Dropping the tensor once the
+// launches are queued is safe: the caching allocator reuses its memory only in stream order.
+at::Tensor attach_split_workspace(CrossEntropyParams& p, const at::Tensor& logits) {
+  at::Tensor workspace = at::empty({p.num_rows * (2 * p.num_splits + 1)}, logits.options().dtype(at::kFloat));
+  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
+  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * p.num_splits;
+  return workspace;
+}
+
 struct SplitPlan {
   int num_splits;  // vocabulary splits per row; 1 is the row path
   int split_len;   // elements per split, a multiple of kSplitAlign (the last split may be shorter)
@@ -122,8 +138,7 @@ struct ClusterPlan {
 // as on older GPUs); =2 or =8 forces that many vectors per thread where they fit (for tests: =2 makes multi-block
 // clusters out of small vocabularies).
 ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, bool rows_aligned, int major) {
-  const char* env = std::getenv("FASTCE_CUDA_CLUSTER");
-  if (major < 9 || (env != nullptr && std::string(env) == "0")) return {0, 0};
+  if (major < 9 || env_off("FASTCE_CUDA_CLUSTER")) return {0, 0};
   const int64_t forced = env_override("FASTCE_CUDA_CLUSTER");
   // The most 16-byte vectors a row touches: V / vec_size when every row starts 16-byte aligned, else one more may be
   // needed (65536 bf16 logits fill 2 blocks of 8 x 512 vectors exactly when aligned; a third block otherwise).
@@ -172,10 +187,7 @@ bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t strea
 template <typename scalar_t, typename target_t, int kVecs>
 void launch_partials(CrossEntropyParams p, int blocks_per_row, const at::Tensor& logits, cudaStream_t stream) {
   p.num_splits = blocks_per_row;
-  const at::Tensor workspace =
-      at::empty({p.num_rows * (2 * blocks_per_row + 1)}, logits.options().dtype(at::kFloat));
-  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
-  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * blocks_per_row;
+  const at::Tensor workspace = attach_split_workspace(p, logits);
   const auto blocks = static_cast<unsigned int>(p.num_rows * blocks_per_row);
   cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, false, true><<<blocks, kThreads, 0, stream>>>(p, blocks_per_row);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -191,8 +203,7 @@ bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, const 
   const bool rows_aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.logits_stride_b * kElem) % 16 == 0 &&
                             (p.logits_stride_t * kElem) % 16 == 0;
   const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, rows_aligned, dev.major);
-  const char* partials_env = std::getenv("FASTCE_CUDA_FWD_PARTIALS");
-  if (!write_grad && plan.cluster > 1 && !(partials_env != nullptr && std::string(partials_env) == "0")) {
+  if (!write_grad && plan.cluster > 1 && !env_off("FASTCE_CUDA_FWD_PARTIALS")) {
     if (plan.vecs == 2) launch_partials<scalar_t, target_t, 2>(p, plan.cluster, logits, stream);
     if (plan.vecs == 8) launch_partials<scalar_t, target_t, 8>(p, plan.cluster, logits, stream);
     return true;
@@ -238,15 +249,12 @@ void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaSt
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // Workspace: (max, sum) per (row, split), then the target logit per row; float32, from the caching allocator.
   p.num_splits = plan.num_splits;
   p.split_len = plan.split_len;
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(p.split_len) * (p.num_splits - 1) < p.vocab &&
                             static_cast<int64_t>(p.split_len) * p.num_splits >= p.vocab,
                         "vocabulary splits do not tile the row");
-  const at::Tensor workspace = at::empty({p.num_rows * (2 * p.num_splits + 1)}, logits.options().dtype(at::kFloat));
-  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
-  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * p.num_splits;
+  const at::Tensor workspace = attach_split_workspace(p, logits);
 
   const auto split_blocks = static_cast<unsigned int>(p.num_rows * p.num_splits);
   split_stats_kernel<scalar_t, target_t><<<split_blocks, kThreads, 0, stream>>>(p);
