@@ -1,6 +1,7 @@
 // Fused shifted cross-entropy: host entry points of the fastce_cuda ops. They check the arguments, choose the
 // launch (cluster path on sm_90 and newer, else row path or split path; grid sizes: see cross_entropy_kernels.cuh
-// for the kernels) and launch on the current stream.
+// and cluster_kernel.cuh for the kernels) and launch on the current stream. Plain cross-entropy runs the kernels'
+// plain variants; options, row statistics and the shard ops run their kOptions variants, on the same paths.
 #include "cross_entropy.h"
 
 #include <ATen/Dispatch.h>
@@ -13,10 +14,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 
+#include "cluster_kernel.cuh"
 #include "cross_entropy_kernels.cuh"
 
 namespace fastce {
@@ -90,13 +93,16 @@ bool env_off(const char* name) {
   return value != nullptr && std::string(value) == "0";
 }
 
-// The split path's float32 workspace, from the caching allocator: (max, sum) per (row, split), then the target logit
-// per row; p.partials and p.target_logits point into it, for p.num_splits splits. Dropping the tensor once the
-// launches are queued is safe: the caching allocator reuses its memory only in stream order.
+// The split path's float32 workspace, from the caching allocator: the stats S (Stats, or StatsX with options) per
+// (row, split), then the target logit per row; p.partials and p.target_logits point into it, for p.num_splits
+// splits. Dropping the tensor once the launches are queued is safe: the caching allocator reuses its memory only in
+// stream order.
+template <typename S>
 at::Tensor attach_split_workspace(CrossEntropyParams& p, const at::Tensor& logits) {
-  at::Tensor workspace = at::empty({p.num_rows * (2 * p.num_splits + 1)}, logits.options().dtype(at::kFloat));
-  p.partials = reinterpret_cast<Stats*>(workspace.data_ptr<float>());
-  p.target_logits = workspace.data_ptr<float>() + p.num_rows * 2 * p.num_splits;
+  constexpr int64_t kFloats = sizeof(S) / sizeof(float);
+  at::Tensor workspace = at::empty({p.num_rows * (kFloats * p.num_splits + 1)}, logits.options().dtype(at::kFloat));
+  p.partials = workspace.data_ptr<float>();  // the allocator's blocks are aligned far beyond S's 8 or 16 bytes
+  p.target_logits = workspace.data_ptr<float>() + p.num_rows * kFloats * p.num_splits;
   return workspace;
 }
 
@@ -152,9 +158,9 @@ ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, bool rows_
 }
 
 // Launches the cluster kernel; false (and nothing launched) when clusters of that size cannot be resident.
-template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD>
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool kOptions>
 bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t stream) {
-  auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD>;
+  auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD, false, kOptions>;
   static std::atomic<int> resident[kMaxCluster + 1];  // per cluster size: 0 not asked yet, 1 yes, -1 no
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
@@ -184,18 +190,20 @@ bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t strea
 
 // Forward only, rows of several blocks: the blocks write partial stats that split_finish_kernel merges (no cluster
 // to co-schedule). FASTCE_CUDA_FWD_PARTIALS=0 uses the cluster kernel instead.
-template <typename scalar_t, typename target_t, int kVecs>
+template <typename scalar_t, typename target_t, int kVecs, bool kOptions>
 void launch_partials(CrossEntropyParams p, int blocks_per_row, const at::Tensor& logits, cudaStream_t stream) {
   p.num_splits = blocks_per_row;
-  const at::Tensor workspace = attach_split_workspace(p, logits);
+  const at::Tensor workspace = attach_split_workspace<RowStats<kOptions>>(p, logits);
   const auto blocks = static_cast<unsigned int>(p.num_rows * blocks_per_row);
-  cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, false, true><<<blocks, kThreads, 0, stream>>>(p, blocks_per_row);
+  cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, false, true, kOptions>
+      <<<blocks, kThreads, 0, stream>>>(p, blocks_per_row);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  split_finish_kernel<scalar_t, target_t, false><<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
+  split_finish_kernel<scalar_t, target_t, false, kOptions>
+      <<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename target_t>
+template <typename scalar_t, typename target_t, bool kOptions>
 bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, const at::Tensor& logits,
                       cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
@@ -204,31 +212,34 @@ bool try_cluster_path(const CrossEntropyParams& p, const DeviceInfo& dev, const 
                             (p.logits_stride_t * kElem) % 16 == 0;
   const ClusterPlan plan = choose_cluster(p.num_rows, p.vocab, Vec<scalar_t>::kSize, rows_aligned, dev.major);
   if (!write_grad && plan.cluster > 1 && !env_off("FASTCE_CUDA_FWD_PARTIALS")) {
-    if (plan.vecs == 2) launch_partials<scalar_t, target_t, 2>(p, plan.cluster, logits, stream);
-    if (plan.vecs == 8) launch_partials<scalar_t, target_t, 8>(p, plan.cluster, logits, stream);
+    if (plan.vecs == 2) launch_partials<scalar_t, target_t, 2, kOptions>(p, plan.cluster, logits, stream);
+    if (plan.vecs == 8) launch_partials<scalar_t, target_t, 8, kOptions>(p, plan.cluster, logits, stream);
     return true;
   }
   switch (plan.vecs) {
     case 2:
-      return write_grad ? launch_cluster<scalar_t, target_t, 2, true>(p, plan.cluster, stream)
-                        : launch_cluster<scalar_t, target_t, 2, false>(p, plan.cluster, stream);
+      return write_grad ? launch_cluster<scalar_t, target_t, 2, true, kOptions>(p, plan.cluster, stream)
+                        : launch_cluster<scalar_t, target_t, 2, false, kOptions>(p, plan.cluster, stream);
     case 8:
-      return write_grad ? launch_cluster<scalar_t, target_t, 8, true>(p, plan.cluster, stream)
-                        : launch_cluster<scalar_t, target_t, 8, false>(p, plan.cluster, stream);
+      return write_grad ? launch_cluster<scalar_t, target_t, 8, true, kOptions>(p, plan.cluster, stream)
+                        : launch_cluster<scalar_t, target_t, 8, false, kOptions>(p, plan.cluster, stream);
     default:
       return false;
   }
 }
 
-template <typename scalar_t, typename target_t>
+// Both phases of every row (the gradient too where p.grad is set): cross_entropy_fwd, and shard_stats (forward only,
+// writing p.shard_stats).
+template <typename scalar_t, typename target_t, bool kOptions>
 void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaStream_t stream) {
   const bool write_grad = p.grad != nullptr;
   const DeviceInfo dev = device_info(logits.get_device());
-  if (try_cluster_path<scalar_t, target_t>(p, dev, logits, stream)) return;
+  if (try_cluster_path<scalar_t, target_t, kOptions>(p, dev, logits, stream)) return;
 
   // Row path: blocks per SM, from the L2 budget when there is a pass 2 (FASTCE_CUDA_ROW_BLOCKS_PER_SM=n forces n).
-  const int64_t rows_occupancy = write_grad ? max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, true>>()
-                                            : max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, false>>();
+  const int64_t rows_occupancy =
+      write_grad ? max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, true, kOptions>>()
+                 : max_blocks_per_sm<cross_entropy_rows_kernel<scalar_t, target_t, false, kOptions>>();
   int64_t row_blocks_per_sm = env_override("FASTCE_CUDA_ROW_BLOCKS_PER_SM");
   if (row_blocks_per_sm == 0) {
     const int64_t row_bytes = static_cast<int64_t>(p.vocab) * sizeof(typename Elem<scalar_t>::Bits);
@@ -236,15 +247,15 @@ void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaSt
     row_blocks_per_sm = write_grad ? std::max<int64_t>(fitting_in_l2, kMinRowBlocksPerSm) : rows_occupancy;
   }
   const int64_t row_slots = dev.num_sms * std::min(row_blocks_per_sm, rows_occupancy);
-  const int64_t split_slots = dev.num_sms * max_blocks_per_sm<split_stats_kernel<scalar_t, target_t>>();
+  const int64_t split_slots = dev.num_sms * max_blocks_per_sm<split_stats_kernel<scalar_t, target_t, kOptions>>();
   const SplitPlan plan = choose_splits(p.num_rows, p.vocab, row_slots, split_slots, Vec<scalar_t>::kSize);
 
   if (plan.num_splits == 1) {
     const auto grid = static_cast<unsigned int>(std::min(p.num_rows, row_slots));
     if (write_grad) {
-      cross_entropy_rows_kernel<scalar_t, target_t, true><<<grid, kThreads, 0, stream>>>(p);
+      cross_entropy_rows_kernel<scalar_t, target_t, true, kOptions><<<grid, kThreads, 0, stream>>>(p);
     } else {
-      cross_entropy_rows_kernel<scalar_t, target_t, false><<<grid, kThreads, 0, stream>>>(p);
+      cross_entropy_rows_kernel<scalar_t, target_t, false, kOptions><<<grid, kThreads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -254,16 +265,34 @@ void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaSt
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(p.split_len) * (p.num_splits - 1) < p.vocab &&
                             static_cast<int64_t>(p.split_len) * p.num_splits >= p.vocab,
                         "vocabulary splits do not tile the row");
-  const at::Tensor workspace = attach_split_workspace(p, logits);
+  const at::Tensor workspace = attach_split_workspace<RowStats<kOptions>>(p, logits);
 
   const auto split_blocks = static_cast<unsigned int>(p.num_rows * p.num_splits);
-  split_stats_kernel<scalar_t, target_t><<<split_blocks, kThreads, 0, stream>>>(p);
+  split_stats_kernel<scalar_t, target_t, kOptions><<<split_blocks, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (write_grad) {
-    split_finish_kernel<scalar_t, target_t, true><<<split_blocks, kThreads, 0, stream>>>(p);
+    split_finish_kernel<scalar_t, target_t, true, kOptions><<<split_blocks, kThreads, 0, stream>>>(p);
   } else {
-    split_finish_kernel<scalar_t, target_t, false><<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
+    split_finish_kernel<scalar_t, target_t, false, kOptions>
+        <<<static_cast<unsigned int>(p.num_rows), kThreads, 0, stream>>>(p);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// shard_grad: the epilogue alone, given each row's (max, sum, scale) in p.row_in: the split path's kernel B over
+// blocks of (row, split), each split one loop step of write_grad (kUnroll vectors per thread) by default; a single
+// pass, elementwise. FASTCE_CUDA_NUM_SPLITS=n cuts each row into about n splits instead.
+template <typename scalar_t, typename target_t>
+void launch_shard_grad(CrossEntropyParams p, cudaStream_t stream) {
+  const int64_t step = static_cast<int64_t>(kThreads) * Vec<scalar_t>::kSize * kUnroll;
+  int64_t splits = env_override("FASTCE_CUDA_NUM_SPLITS");
+  if (splits == 0) splits = ceil_div(p.vocab, step);
+  splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(INT32_MAX / p.num_rows, 1));  // the grid limit
+  const int64_t split_len = ceil_div(ceil_div(p.vocab, splits), kSplitAlign) * kSplitAlign;
+  p.num_splits = static_cast<int>(ceil_div(p.vocab, split_len));
+  p.split_len = static_cast<int>(split_len);
+  const auto blocks = static_cast<unsigned int>(p.num_rows * p.num_splits);
+  split_finish_kernel<scalar_t, target_t, true, true><<<blocks, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -271,6 +300,8 @@ void launch_cross_entropy(CrossEntropyParams p, const at::Tensor& logits, cudaSt
 // own copy of libstdc++ into the extension (the H100 image's /opt/gcc does) crashed streaming an integer into
 // c10's message stream (a locale facet from the other copy). Strings and C strings stream safely.
 std::string str(int64_t value) { return std::to_string(value); }
+
+std::string str(double value) { return std::to_string(value); }
 
 std::string str(c10::IntArrayRef values) {
   std::string out = "[";
@@ -296,21 +327,102 @@ void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char
               str(t.device()));
 }
 
+// logits [B, T, V] and targets [B, T] int32/int64, as every op takes them.
+void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
+  check_rows(logits, op, "logits");
+  check_same_device(targets, logits, op, "targets");
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
+              ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == logits.size(0) && targets.size(1) == logits.size(1), op,
+              ": targets must be [B, T] = [", str(logits.size(0)), ", ", str(logits.size(1)), "], got ",
+              str(targets.sizes()));
+}
+
+// A gradient for the logits: their dtype and shape, unit stride over V, the logits themselves or not overlapping them.
+void check_grad(const at::Tensor& g, const at::Tensor& logits, const char* op) {
+  check_same_device(g, logits, op, "grad");
+  TORCH_CHECK(g.scalar_type() == logits.scalar_type(), op, ": grad must have the logits' dtype ", logits.scalar_type(),
+              ", got ", g.scalar_type());
+  TORCH_CHECK(g.sizes() == logits.sizes(), op, ": grad must have the logits' shape ", str(logits.sizes()), ", got ",
+              str(g.sizes()));
+  TORCH_CHECK(g.stride(2) == 1, op, ": grad must have stride(-1) == 1, got strides ", str(g.strides()));
+  // In place means grad *is* the logits (same start, same strides); any other overlap would race.
+  const bool same_view = g.data_ptr() == logits.data_ptr() && g.strides() == logits.strides();
+  TORCH_CHECK(same_view || at::get_overlap_status(g, logits) != at::MemOverlapStatus::Partial, op,
+              ": grad must be the logits themselves or not overlap them");
+}
+
+// A contiguous float32 [B, T, fields] tensor of per-row values (row_stats, stats, row) beside the logits.
+void check_row_fields(const at::Tensor& t, const at::Tensor& logits, int64_t fields, const char* op, const char* name) {
+  check_same_device(t, logits, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == logits.size(0) && t.size(1) == logits.size(1) && t.size(2) == fields &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be a contiguous [B, T, ", str(fields), "] = [", str(logits.size(0)), ", ",
+              str(logits.size(1)), ", ", str(fields), "] tensor, got shape ", str(t.sizes()), " and strides ",
+              str(t.strides()));
+}
+
+// The options as the kernels read them: each value computed in float64, then rounded once to float. vocab_size is V,
+// the whole row's length (its e / V terms are used by the gradient only).
+Spec make_spec(double softcap, double label_smoothing, double z_loss, int64_t vocab_size, bool want_entropy,
+               const char* op) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be 0 (none) or a finite number > 0, got ",
+              str(softcap));
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              str(label_smoothing));
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, op, ": z_loss must be a finite number >= 0, got ", str(z_loss));
+  const double e = label_smoothing;
+  const double vocab = static_cast<double>(std::max<int64_t>(vocab_size, 1));
+  Spec spec{};
+  spec.softcap = static_cast<float>(softcap);
+  spec.softcap_exp2_scale = softcap > 0.0 ? static_cast<float>(-2.0 / (softcap * std::log(2.0))) : 0.f;
+  spec.smoothing = static_cast<float>(e);
+  spec.keep = static_cast<float>(1.0 - e);
+  spec.vocab = static_cast<float>(vocab);
+  spec.smoothing_per_class = static_cast<float>(e / vocab);
+  spec.target_coef = static_cast<float>(1.0 - e + e / vocab);  // rounds to exactly 1 for V = 1
+  spec.z_loss = static_cast<float>(z_loss);
+  spec.sum_x = e != 0.0;
+  spec.sum_px = want_entropy;
+  return spec;
+}
+
+// The fields every op fills alike.
+CrossEntropyParams row_params(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  CrossEntropyParams p{};
+  p.logits = logits.data_ptr();
+  p.logits_stride_b = logits.stride(0);
+  p.logits_stride_t = logits.stride(1);
+  p.targets = targets.data_ptr();
+  p.targets_stride_b = targets.stride(0);
+  p.targets_stride_t = targets.stride(1);
+  p.num_rows = logits.size(0) * logits.size(1);
+  p.seq_len = logits.size(1);
+  p.ignore_index = ignore_index;
+  p.vocab = static_cast<int>(logits.size(2));
+  return p;
+}
+
+template <bool kOptions>
+void dispatch_cross_entropy(const CrossEntropyParams& p, const at::Tensor& logits, const at::Tensor& targets) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  FASTCE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "fastce_cross_entropy", [&] {
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "fastce_cross_entropy_targets",
+                            [&] { launch_cross_entropy<scalar_t, index_t, kOptions>(p, logits, stream); });
+  });
+}
+
 }  // namespace
 
 void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& divisor,
                        const at::Tensor& losses, const std::optional<at::Tensor>& grad, int64_t ignore_index,
-                       const std::optional<at::Tensor>& skip) {
+                       const std::optional<at::Tensor>& skip, double softcap, double label_smoothing, double z_loss,
+                       const std::optional<at::Tensor>& row_stats) {
   constexpr const char* op = "fastce_cuda::cross_entropy_fwd";
-  check_rows(logits, op, "logits");
+  check_logits_and_targets(logits, targets, op);
   const int64_t batch = logits.size(0), seq_len = logits.size(1), vocab = logits.size(2);
   TORCH_CHECK(vocab > 0, op, ": the vocabulary is empty");
-
-  check_same_device(targets, logits, op, "targets");
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
-              ": targets must be int64 or int32, got ", targets.scalar_type());
-  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == batch && targets.size(1) == seq_len, op,
-              ": targets must be [B, T] = [", str(batch), ", ", str(seq_len), "], got ", str(targets.sizes()));
   check_same_device(divisor, logits, op, "divisor");
   TORCH_CHECK(divisor.dim() == 0 && divisor.scalar_type() == at::kDouble, op,
               ": divisor must be a 0-dim float64 tensor, got ", divisor.scalar_type(), " of shape ", str(divisor.sizes()));
@@ -319,49 +431,82 @@ void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets, cons
   TORCH_CHECK(losses.dim() == 2 && losses.size(0) == batch && losses.size(1) == seq_len && losses.is_contiguous(), op,
               ": losses must be a contiguous [B, T] = [", str(batch), ", ", str(seq_len), "] tensor, got shape ",
               str(losses.sizes()), " and strides ", str(losses.strides()));
-  if (grad.has_value()) {
-    const at::Tensor& g = *grad;
-    check_same_device(g, logits, op, "grad");
-    TORCH_CHECK(g.scalar_type() == logits.scalar_type(), op, ": grad must have the logits' dtype ",
-                logits.scalar_type(), ", got ", g.scalar_type());
-    TORCH_CHECK(g.sizes() == logits.sizes(), op, ": grad must have the logits' shape ", str(logits.sizes()), ", got ",
-                str(g.sizes()));
-    TORCH_CHECK(g.stride(2) == 1, op, ": grad must have stride(-1) == 1, got strides ", str(g.strides()));
-    // In place means grad *is* the logits (same start, same strides); any other overlap would race.
-    const bool same_view = g.data_ptr() == logits.data_ptr() && g.strides() == logits.strides();
-    TORCH_CHECK(same_view || at::get_overlap_status(g, logits) != at::MemOverlapStatus::Partial, op,
-                ": grad must be the logits themselves or not overlap them");
-  }
+  if (grad.has_value()) check_grad(*grad, logits, op);
   if (skip.has_value()) {
     check_same_device(*skip, logits, op, "skip");
     TORCH_CHECK(skip->dim() == 0 && skip->scalar_type() == at::kBool, op, ": skip must be a 0-dim bool tensor, got ",
                 skip->scalar_type(), " of shape ", str(skip->sizes()));
   }
-  const int64_t num_rows = batch * seq_len;
-  if (num_rows == 0) return;
+  if (row_stats.has_value()) check_row_fields(*row_stats, logits, kRowStatsFields, op, "row_stats");
+  const Spec spec = make_spec(softcap, label_smoothing, z_loss, vocab, row_stats.has_value(), op);
+  if (batch * seq_len == 0) return;
 
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  CrossEntropyParams p{};
-  p.logits = logits.data_ptr();
-  p.logits_stride_b = logits.stride(0);
-  p.logits_stride_t = logits.stride(1);
-  p.targets = targets.data_ptr();
-  p.targets_stride_b = targets.stride(0);
-  p.targets_stride_t = targets.stride(1);
+  CrossEntropyParams p = row_params(logits, targets, ignore_index);
   p.divisor = divisor.data_ptr<double>();
   p.losses = losses.data_ptr<float>();
   p.grad = grad.has_value() ? grad->data_ptr() : nullptr;
   p.grad_stride_b = grad.has_value() ? grad->stride(0) : 0;
   p.grad_stride_t = grad.has_value() ? grad->stride(1) : 0;
-  p.num_rows = num_rows;
-  p.seq_len = seq_len;
-  p.ignore_index = ignore_index;
-  p.vocab = static_cast<int>(vocab);
   p.skip = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
-  FASTCE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "fastce_cross_entropy_fwd", [&] {
-    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "fastce_cross_entropy_fwd_targets",
-                            [&] { launch_cross_entropy<scalar_t, index_t>(p, logits, stream); });
+  // Plain cross-entropy takes the plain kernels, which read nothing of the options.
+  if (softcap == 0.0 && label_smoothing == 0.0 && z_loss == 0.0 && !row_stats.has_value()) {
+    dispatch_cross_entropy<false>(p, logits, targets);
+    return;
+  }
+  p.spec = spec;
+  p.row_stats = row_stats.has_value() ? row_stats->data_ptr<float>() : nullptr;
+  dispatch_cross_entropy<true>(p, logits, targets);
+}
+
+void shard_stats(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start, int64_t ignore_index,
+                 const at::Tensor& stats, double softcap, double label_smoothing, double z_loss, bool want_entropy) {
+  constexpr const char* op = "fastce_cuda::shard_stats";
+  check_logits_and_targets(logits, targets, op);
+  check_row_fields(stats, logits, kShardStatsFields, op, "stats");
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", str(vocab_start));
+  const Spec spec = make_spec(softcap, label_smoothing, z_loss, logits.size(2), want_entropy, op);
+  if (logits.size(0) * logits.size(1) == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  if (logits.size(2) == 0) {  // no columns: every row's statistics are the identity of the merge
+    stats.select(2, 0).fill_(-INFINITY);
+    stats.narrow(2, 1, kShardStatsFields - 1).zero_();
+    return;
+  }
+  CrossEntropyParams p = row_params(logits, targets, ignore_index);
+  p.spec = spec;
+  p.vocab_start = vocab_start;
+  p.shard_stats = stats.data_ptr<float>();
+  dispatch_cross_entropy<true>(p, logits, targets);
+}
+
+void shard_grad(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start, int64_t vocab_size,
+                int64_t ignore_index, const at::Tensor& row, const at::Tensor& grad, double softcap,
+                double label_smoothing, double z_loss) {
+  constexpr const char* op = "fastce_cuda::shard_grad";
+  check_logits_and_targets(logits, targets, op);
+  check_row_fields(row, logits, kRowInFields, op, "row");
+  check_grad(grad, logits, op);
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", str(vocab_start));
+  TORCH_CHECK(vocab_size >= 1, op, ": vocab_size must be >= 1, got ", str(vocab_size));
+  const Spec spec = make_spec(softcap, label_smoothing, z_loss, vocab_size, false, op);
+  const int64_t num_rows = logits.size(0) * logits.size(1);
+  if (num_rows == 0 || logits.size(2) == 0) return;
+  TORCH_CHECK(num_rows <= INT32_MAX, op, ": at most 2^31 - 1 rows, got ", str(num_rows));
+
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  CrossEntropyParams p = row_params(logits, targets, ignore_index);
+  p.grad = grad.data_ptr();
+  p.grad_stride_b = grad.stride(0);
+  p.grad_stride_t = grad.stride(1);
+  p.spec = spec;
+  p.vocab_start = vocab_start;
+  p.row_in = row.data_ptr<float>();
+  FASTCE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "fastce_shard_grad", [&] {
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "fastce_shard_grad_targets",
+                            [&] { launch_shard_grad<scalar_t, index_t>(p, stream); });
   });
 }
 

@@ -16,15 +16,28 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastce_cuda, m) {
-  // Out-variants: they allocate nothing and return nothing; grad is None for a forward-only call. skip: a 0-dim
-  // bool on the device; when it holds true the launch writes nothing (a validation that failed, answered later).
+  // Out-variants: they allocate nothing but small workspaces and return nothing; grad is None for a forward-only
+  // call. skip: a 0-dim bool on the device; when it holds true the launch writes nothing (a validation that failed,
+  // answered later). softcap, label_smoothing, z_loss: the loss options, 0 for none; row_stats: (lse, entropy,
+  // correct) per row, when given.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor targets, Tensor divisor, Tensor(a!) losses, Tensor(b!)? grad, "
-      "int ignore_index, Tensor? skip=None) -> ()");
+      "int ignore_index, Tensor? skip=None, float softcap=0., float label_smoothing=0., float z_loss=0., "
+      "Tensor(c!)? row_stats=None) -> ()");
+  // The two phases on a column range of rows (lm_head vocabulary slabs, vocabulary shards): the range's statistics,
+  // and the epilogue given each whole row's (max, sum, scale). grad may be the logits themselves.
+  m.def(
+      "shard_stats(Tensor logits, Tensor targets, int vocab_start, int ignore_index, Tensor(a!) stats, "
+      "float softcap, float label_smoothing, float z_loss, bool want_entropy) -> ()");
+  m.def(
+      "shard_grad(Tensor logits, Tensor targets, int vocab_start, int vocab_size, int ignore_index, Tensor row, "
+      "Tensor(a!) grad, float softcap, float label_smoothing, float z_loss) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {
   m.impl("cross_entropy_fwd", &fastce::cross_entropy_fwd);
+  m.impl("shard_stats", &fastce::shard_stats);
+  m.impl("shard_grad", &fastce::shard_grad);
   m.impl("scale_grad_", &fastce::scale_grad_);
 }

@@ -4,7 +4,8 @@
 gradient produced in the same pass; ``patch_transformers()`` makes every causal LM in transformers use it.
 """
 from .backends import available_backends, unavailable_reason
-from .loss import causal_lm_loss, cross_entropy
+from .linear_loss import causal_lm_linear_loss, linear_cross_entropy
+from .loss import LossOutput, causal_lm_loss, cross_entropy
 
 __version__ = "0.1.0"
 
@@ -15,9 +16,20 @@ _INTEGRATION_NAMES = (
     "is_transformers_patched",
     "patch_model",
     "unpatch_model",
+    "trainer_loss",
+    "TrainerLoss",
 )
 
-__all__ = ["available_backends", "causal_lm_loss", "cross_entropy", "unavailable_reason", *_INTEGRATION_NAMES]
+__all__ = [
+    "LossOutput",
+    "available_backends",
+    "causal_lm_linear_loss",
+    "causal_lm_loss",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "unavailable_reason",
+    *_INTEGRATION_NAMES,
+]
 
 
 def __getattr__(name):
@@ -26,4 +38,8 @@ def __getattr__(name):
         from .integrations import transformers as integration
 
         return getattr(integration, name)
+    if name == "distributed":  # fastce.distributed (vocab-parallel and data-parallel helpers), imported when used
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
     raise AttributeError(f"module 'fastce' has no attribute {name!r}")

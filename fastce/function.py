@@ -11,21 +11,30 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .spec import PLAIN, LossSpec
 
 
 def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
-    # float64 sum: deterministic, and exact enough that the loss's relative error stays far below 1e-6.
-    # A zero divisor divides by 1 (the sum is then 0 unless the caller's count was wrong; NaN still propagates).
-    return (losses.sum(dtype=torch.float64) / torch.where(divisor == 0, 1.0, divisor)).float()
+    """``sum(losses) / divisor`` in float64 (deterministic, and exact enough that the loss's relative error stays far
+    below 1e-6), returned as float32. A zero divisor gives 0 when the sum is 0 (every target ignored), else NaN: the
+    count contradicts the targets (README, "Semantics"); NaN in the losses or the divisor propagates."""
+    total = losses.sum(dtype=torch.float64)
+    zero = divisor == 0
+    quotient = total / torch.where(zero, torch.ones_like(divisor), divisor)
+    return torch.where(zero & (total != 0), torch.full_like(quotient, float("nan")), quotient).float()
 
 
-def _fwd(*args):
-    """(losses, grad, pending validation or None). Under torch.compile, the custom op (one opaque node), which checks
-    before it returns; in eager mode its Python implementation (no dispatcher cost), whose check the caller runs
-    once it has queued the loss's sum (see ``ops.launch_fwd``)."""
+def _spec_args(spec: LossSpec) -> tuple:
+    return (spec.softcap, spec.label_smoothing, spec.z_loss, spec.stats)
+
+
+def _fwd(*args, spec: LossSpec):
+    """(losses, grad, row_stats, pending validation or None). Under torch.compile, the custom op (one opaque node),
+    which checks before it returns; in eager mode its Python implementation (no dispatcher cost), whose check the
+    caller runs once it has queued the loss's sum (see ``ops.launch_fwd``)."""
     if torch.compiler.is_compiling():
-        return (*ops.cross_entropy_fwd(*args), None)
-    return ops.launch_fwd(*args)
+        return (*ops.cross_entropy_fwd(*args, *_spec_args(spec)), None)
+    return ops.launch_fwd(*args, spec)
 
 
 def _check(pending) -> None:
@@ -33,15 +42,15 @@ def _check(pending) -> None:
         pending.check()
 
 
-def _fwd_inplace(logits, *args):
-    """(losses, pending validation or None), as ``_fwd``; the gradient overwrites ``logits``."""
+def _fwd_inplace(logits, *args, spec: LossSpec):
+    """(losses, row_stats, pending validation or None), as ``_fwd``; the gradient overwrites ``logits``."""
     if torch.compiler.is_compiling():
-        return ops.cross_entropy_fwd_inplace(logits, *args), None
-    losses, pending = ops.launch_fwd_inplace(logits, *args)
+        return (*ops.cross_entropy_fwd_inplace(logits, *args, *_spec_args(spec)), None)
+    losses, row_stats, pending = ops.launch_fwd_inplace(logits, *args, spec)
     # What the custom op's mutates_args would have done: anything that saved the logits for its own backward
     # now fails autograd's version check instead of reading a gradient.
     torch.autograd.graph.increment_version(logits)
-    return losses, pending
+    return losses, row_stats, pending
 
 
 def _scale_grad(*args):
@@ -50,28 +59,31 @@ def _scale_grad(*args):
 
 class FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend):
+    def forward(ctx, logits, targets, divisor, ignore_index, reduce, inplace, validate, backend, spec):
         if inplace:
-            losses, pending = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
+            losses, row_stats, pending = _fwd_inplace(logits, targets, divisor, ignore_index, validate, backend,
+                                                      spec=spec)
             grad = logits
         else:
-            losses, grad, pending = _fwd(logits, targets, divisor, ignore_index, True, validate, backend)
+            losses, grad, row_stats, pending = _fwd(logits, targets, divisor, ignore_index, True, validate, backend,
+                                                    spec=spec)
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.backward_done = False
+        ctx.mark_non_differentiable(row_stats)
         out = _sum_over(losses, divisor) if reduce else losses
         _check(pending)
-        return out
+        return out, row_stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_row_stats):
         if ctx.backward_done:
             raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
         _scale_grad(grad, grad_output, ctx.backend)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_cross_entropy(
@@ -84,16 +96,18 @@ def fused_cross_entropy(
     inplace: bool,
     validate: bool,
     backend: str,
-) -> Tensor:
-    """``sum(row losses) / divisor`` (``reduce``) or the float32 row losses ``[B, T]`` (then ``divisor`` must be 1).
+    spec: LossSpec = PLAIN,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, row_stats)``: ``sum(row losses) / divisor`` (``reduce``) or the float32 row losses ``[B, T]`` (then
+    ``divisor`` must be 1), and the ``[B, T, 3]`` (lse, entropy, correct) of ``spec.stats`` (an empty tensor without).
 
     ``logits`` ``[B, T, V]`` with unit stride over V, ``targets`` ``[B, T]`` aligned with them, ``divisor`` a
     0-dim float64 tensor on the logits' device; ``backend`` is concrete (see ``backends.resolve_backend``).
     Gradient work is done only when autograd will need it.
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return FusedCrossEntropy.apply(logits, targets, divisor, ignore_index, reduce, inplace, validate, backend)
-    losses, _, pending = _fwd(logits, targets, divisor, ignore_index, False, validate, backend)
+        return FusedCrossEntropy.apply(logits, targets, divisor, ignore_index, reduce, inplace, validate, backend, spec)
+    losses, _, row_stats, pending = _fwd(logits, targets, divisor, ignore_index, False, validate, backend, spec=spec)
     out = _sum_over(losses, divisor) if reduce else losses
     _check(pending)
-    return out
+    return out, row_stats

@@ -7,14 +7,28 @@ as much as the kernel at small shapes.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from .backends import kernels
+from .spec import PLAIN, LossSpec
+from .validation import start_validation
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _new_row_stats(logits: Tensor, spec: LossSpec) -> Tensor:
+    """The ``[B, T, 3]`` float32 buffer of ``spec.stats`` (an empty tensor without)."""
+    if not spec.stats:
+        return logits.new_empty(0, dtype=torch.float32)
+    return logits.new_empty((*logits.shape[:-1], 3), dtype=torch.float32)
+
+
+def _spec_kwargs(spec: LossSpec, row_stats: Tensor) -> dict:
+    """The launchers' keyword arguments for ``spec``: none for plain cross-entropy (the launch as it always was)."""
+    if spec.plain:
+        return {}
+    return {"spec": spec, "row_stats": row_stats if spec.stats else None}
 
 
 def _check_layout(logits: Tensor, targets: Tensor, divisor: Tensor) -> None:
@@ -33,127 +47,76 @@ def _check_layout(logits: Tensor, targets: Tensor, divisor: Tensor) -> None:
         raise ValueError("divisor must be a 0-dim float64 tensor")
 
 
-def _bad_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
-    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-
-
-def _raise_bad_target(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
-    bad = _bad_targets(targets, vocab_size, ignore_index)
-    position = tuple(int(i) for i in bad.nonzero()[0])
-    raise ValueError(
-        f"target {int(targets[position])} at position {position} is outside [0, {vocab_size}) "
-        f"and is not ignore_index={ignore_index}"
-    )
-
-
-def validate_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` that is not ``ignore_index``.
-
-    This reads one bool back to the host (a synchronisation); ``validate=False`` skips it, and the kernels then
-    give such a row a NaN loss without reading out of bounds.
-    """
-    if bool(_bad_targets(targets, vocab_size, ignore_index).any()):
-        _raise_bad_target(targets, vocab_size, ignore_index)
-
-
-class _OverlappedValidation:
-    """Validation that does not leave the GPU idle: the check is queued before the kernel, its one-byte answer is
-    copied to pinned memory, and the host waits for that copy only (not for the kernel) before it decides.
-
-    The kernel is safe on bad targets (a NaN row, no out-of-bounds read), so launching it before the answer is
-    known is harmless; its outputs are dropped when the check raises. In place, the answer's device copy ``bad`` is
-    also the kernel's skip flag: the launch writes nothing when a target is bad, so the caller's logits survive.
-    """
-
-    # One pinned flag and one event per thread and device, reused: allocating them each call costs more.
-    _buffers = threading.local()
-
-    def __init__(self, targets: Tensor, vocab_size: int, ignore_index: int):
-        self.args = (targets, vocab_size, ignore_index)
-        per_device = self._buffers.__dict__.setdefault("per_device", {})
-        if targets.device not in per_device:
-            per_device[targets.device] = (torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
-        self.flag, self.ready = per_device[targets.device]
-        self.bad = _bad_targets(*self.args).any()  # 0-dim bool on the device: the kernels' skip flag in place
-        self.flag.copy_(self.bad, non_blocking=True)
-        self.ready.record()
-
-    def check(self) -> None:
-        # Poll rather than event.synchronize(): on the H100 VM a blocking wait cost ~0.6 ms of wake-up latency per
-        # call, several times the wait itself (benchmarks/NOTES.md).
-        while not self.ready.query():
-            pass
-        if bool(self.flag):
-            _raise_bad_target(*self.args)
-
-
-def _start_validation(validate: bool, targets: Tensor, vocab_size: int, ignore_index: int):
-    """None, or an object whose ``check()`` raises after the launch; CPU tensors are checked at once."""
-    if not validate:
-        return None
-    if targets.is_cuda:
-        return _OverlappedValidation(targets, vocab_size, ignore_index)
-    validate_targets(targets, vocab_size, ignore_index)
-    return None
-
-
 def launch_fwd(
-    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str,
+    spec: LossSpec = PLAIN,
 ):
-    """``cross_entropy_fwd_impl`` without the wait: ``(losses, grad, pending)``, where ``pending`` is None or has a
-    ``check()`` that raises on a bad target. The eager path queues more GPU work (the loss's sum) before it calls
-    ``check()``, so the GPU has queued work while the host waits for the answer."""
+    """``cross_entropy_fwd_impl`` without the wait: ``(losses, grad, row_stats, pending)``, where ``pending`` is None
+    or has a ``check()`` that raises on a bad target. The eager path queues more GPU work (the loss's sum) before it
+    calls ``check()``, so the GPU has queued work while the host waits for the answer."""
     _check_layout(logits, targets, divisor)
-    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
+    pending = start_validation(validate, targets, logits.shape[-1], ignore_index, divisor)
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
-    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad if compute_grad else None, ignore_index)
-    return losses, grad, pending
+    row_stats = _new_row_stats(logits, spec)
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, grad if compute_grad else None, ignore_index,
+                                       None, **_spec_kwargs(spec, row_stats))
+    return losses, grad, row_stats, pending
 
 
 def cross_entropy_fwd_impl(
-    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    """Per-row float32 losses ``[B, T]`` and, if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor``
-    (else an empty tensor)."""
-    losses, grad, pending = launch_fwd(logits, targets, divisor, ignore_index, compute_grad, validate, backend)
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, compute_grad: bool, validate: bool, backend: str,
+    softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0, stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row float32 losses ``[B, T]``; if ``compute_grad``, the gradient ``[B, T, V]`` divided by ``divisor`` (else
+    an empty tensor); if ``stats``, the per-row ``[B, T, 3]`` (lse, entropy, correct) (else an empty tensor)."""
+    spec = LossSpec(softcap, label_smoothing, z_loss, stats)
+    losses, grad, row_stats, pending = launch_fwd(logits, targets, divisor, ignore_index, compute_grad, validate,
+                                                  backend, spec)
     if pending is not None:
         pending.check()
-    return losses, grad
+    return losses, grad, row_stats
 
 
 cross_entropy_fwd = torch.library.custom_op("fastce::cross_entropy_fwd", cross_entropy_fwd_impl, mutates_args=())
 
 
 @cross_entropy_fwd.register_fake
-def _(logits, targets, divisor, ignore_index, compute_grad, validate, backend):
+def _(logits, targets, divisor, ignore_index, compute_grad, validate, backend, softcap=0.0, label_smoothing=0.0,
+      z_loss=0.0, stats=False):
     losses = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
-    return losses, logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    return losses, grad, _new_row_stats(logits, LossSpec(stats=stats))
 
 
 def launch_fwd_inplace(
-    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str,
+    spec: LossSpec = PLAIN,
 ):
-    """``cross_entropy_fwd_inplace_impl`` without the wait: ``(losses, pending)``, as ``launch_fwd``. The kernel
-    gets the check's device-side answer as its skip flag: on a bad target it writes nothing, so the caller's logits
-    survive the error, and the host need not wait for the answer before the launch."""
+    """``cross_entropy_fwd_inplace_impl`` without the wait: ``(losses, row_stats, pending)``, as ``launch_fwd``. The
+    kernel gets the check's device-side answer as its skip flag: on a bad target it writes nothing, so the caller's
+    logits survive the error, and the host need not wait for the answer before the launch."""
     _check_layout(logits, targets, divisor)
-    pending = _start_validation(validate, targets, logits.shape[-1], ignore_index)
+    pending = start_validation(validate, targets, logits.shape[-1], ignore_index, divisor)
     losses = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    row_stats = _new_row_stats(logits, spec)
     skip = pending.bad if pending is not None else None
-    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index, skip)
-    return losses, pending
+    kernels(backend).cross_entropy_fwd(logits, targets, divisor, losses, logits, ignore_index, skip,
+                                       **_spec_kwargs(spec, row_stats))
+    return losses, row_stats, pending
 
 
 def cross_entropy_fwd_inplace_impl(
-    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str
-) -> Tensor:
-    """Per-row float32 losses; the gradient (divided by ``divisor``) overwrites ``logits``, unless a target is bad
-    (``ValueError``, the logits untouched)."""
-    losses, pending = launch_fwd_inplace(logits, targets, divisor, ignore_index, validate, backend)
+    logits: Tensor, targets: Tensor, divisor: Tensor, ignore_index: int, validate: bool, backend: str,
+    softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0, stats: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-row float32 losses and row statistics (as ``cross_entropy_fwd_impl``); the gradient (divided by
+    ``divisor``) overwrites ``logits``, unless a target is bad (``ValueError``, the logits untouched)."""
+    spec = LossSpec(softcap, label_smoothing, z_loss, stats)
+    losses, row_stats, pending = launch_fwd_inplace(logits, targets, divisor, ignore_index, validate, backend, spec)
     if pending is not None:
         pending.check()
-    return losses
+    return losses, row_stats
 
 
 cross_entropy_fwd_inplace = torch.library.custom_op(
@@ -162,8 +125,9 @@ cross_entropy_fwd_inplace = torch.library.custom_op(
 
 
 @cross_entropy_fwd_inplace.register_fake
-def _(logits, targets, divisor, ignore_index, validate, backend):
-    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+def _(logits, targets, divisor, ignore_index, validate, backend, softcap=0.0, label_smoothing=0.0, z_loss=0.0,
+      stats=False):
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32), _new_row_stats(logits, LossSpec(stats=stats))
 
 
 def scale_grad_impl(grad: Tensor, grad_output: Tensor, backend: str) -> None:

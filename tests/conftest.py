@@ -33,3 +33,23 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(fastce.loss, "causal_lm_loss", causal_lm_loss)
     return calls
+
+
+@pytest.fixture
+def linear_spy(monkeypatch):
+    """Records the num_items_in_batch of each call of ``fastce.linear_loss.causal_lm_linear_loss`` (the fused
+    lm_head's loss; the transformers integration looks it up at call time)."""
+    import functools
+
+    import fastce.linear_loss
+
+    real = fastce.linear_loss.causal_lm_linear_loss
+    calls = []
+
+    @functools.wraps(real)
+    def causal_lm_linear_loss(*args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("num_items_in_batch"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastce.linear_loss, "causal_lm_linear_loss", causal_lm_linear_loss)
+    return calls

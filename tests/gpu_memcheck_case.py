@@ -5,16 +5,20 @@
 Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read one element past a row as
 out of bounds. The cases include out-of-range and ignored targets, odd vocabularies, sliced rows, in-place
 gradients, every launch path (the cluster path of sm_90, with 2 and 8 vectors per thread; one block per row; the
-vocabulary split over blocks) and scale_grad_. Exits non-zero
-if a result is wrong; memcheck reports any bad access on its own.
+vocabulary split over blocks), each plain and with every loss option and the row statistics, the shard ops on
+column ranges of the rows (misaligned, one column wide) and scale_grad_. Exits non-zero if a result is wrong;
+memcheck reports any bad access on its own.
 """
 import os
 
 import torch
 
+from fastce import stats as fstats
 from fastce.kernels import cuda_ce
+from fastce.spec import LossSpec
 
 IGNORE = -100
+OPTIONS = LossSpec(softcap=3.0, label_smoothing=0.1, z_loss=1e-3, stats=True)
 
 
 def run_case(B, T, V, dtype, splits, inplace, slice_rows):
@@ -40,6 +44,15 @@ def run_case(B, T, V, dtype, splits, inplace, slice_rows):
     losses = torch.full((B, T), float("nan"), device="cuda")
     grad = logits if inplace else torch.full_like(logits, float("nan"))
     divisor = torch.tensor(3.0, dtype=torch.float64, device="cuda")
+    # With every option first (in place, that reads the logits before the plain launch overwrites them).
+    options_losses = torch.full((B, T), float("nan"), device="cuda")
+    row_stats = torch.full((B, T, 3), float("nan"), device="cuda")
+    cuda_ce.cross_entropy_fwd(logits, targets, divisor, options_losses.clone(), None, IGNORE, spec=OPTIONS,
+                              row_stats=row_stats.clone())  # forward only
+    run_shards(logits, targets, V)
+    options_grad = torch.full_like(logits, float("nan")) if not inplace else logits.clone()
+    cuda_ce.cross_entropy_fwd(logits if not inplace else options_grad, targets, divisor, options_losses, options_grad,
+                              IGNORE, spec=OPTIONS, row_stats=row_stats)
     cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
     cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses.clone(), None, IGNORE)  # forward only
     cuda_ce.scale_grad_(grad, torch.rand(B, T, device="cuda") + 0.5)
@@ -51,6 +64,28 @@ def run_case(B, T, V, dtype, splits, inplace, slice_rows):
     assert (losses[ignored] == 0).all()
     torch.testing.assert_close(losses[in_range].double(), expected[in_range], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(grad).all(), "gradient not written everywhere"
+    assert torch.isnan(options_losses[~in_range & ~ignored]).all() and (options_losses[ignored] == 0).all()
+    assert not torch.isnan(row_stats).any() and torch.isfinite(options_grad).all(), "an output was left unwritten"
+
+
+def run_shards(logits, targets, V):
+    """shard_stats and shard_grad (in place, on a copy) on column ranges: one column, a misaligned middle, the rest."""
+    B, T = targets.shape
+    cuts = sorted({0, min(1, V), min(V // 3 + 1, V), V})
+    parts = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        out = torch.full((B, T, fstats.STATS_FIELDS), float("nan"), device="cuda")
+        cuda_ce.shard_stats(logits[..., lo:hi], targets, lo, IGNORE, out, OPTIONS)
+        assert not out.isnan().any(), "shard statistics left unwritten"
+        parts.append(out)
+    merged = fstats.merge(torch.stack(parts))
+    row = torch.stack((merged[..., 0], merged[..., 1], torch.full_like(merged[..., 0], 0.5)), dim=-1).contiguous()
+    work = logits.clone()
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        cuda_ce.shard_grad(work[..., lo:hi], targets, lo, V, IGNORE, row, work[..., lo:hi], OPTIONS)
+        fresh = torch.full_like(logits[..., lo:hi], float("nan"))
+        cuda_ce.shard_grad(logits[..., lo:hi], targets, lo, V, IGNORE, row, fresh, OPTIONS)
+        assert torch.isfinite(fresh).all(), "shard gradient left unwritten"
 
 
 def main():

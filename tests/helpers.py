@@ -50,12 +50,35 @@ def padded_labels(batch, seq_len, vocab, device, *, left=False, ignore_index=-10
     return labels
 
 
-def assert_grad_close(actual: torch.Tensor, expected64: torch.Tensor, roundings: int = 1) -> None:
-    """``roundings``: how many times the value was rounded to its dtype (2 when backward rescales it)."""
+def gradient_terms(logits, targets, divisor=1.0, ignore_index=-100, *, softcap=None, label_smoothing=0.0,
+                   z_loss=0.0) -> torch.Tensor:
+    """Float64 magnitude of the terms whose difference a gradient element is (``(1 + 2z lse) p_j``, ``e / V``, the
+    target's ``1 - e``, times the softcap's slope, over the divisor): float32 arithmetic is exact to a few ulp of
+    these, not of their difference, which cancels where ``p_j`` is close to ``e / V``."""
+    x = logits.detach().double()
+    xc = x if not softcap else softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(xc, dim=-1, keepdim=True)
+    V = x.shape[-1]
+    terms = torch.exp(xc - lse) * (1 + 2 * z_loss * lse.abs()) + label_smoothing / V
+    targets = targets.to(x.device).long()
+    in_range = (targets >= 0) & (targets < V)
+    terms = terms.scatter_add(-1, torch.where(in_range, targets, 0).unsqueeze(-1),
+                              in_range.double().unsqueeze(-1) * (1 - label_smoothing))
+    if softcap:
+        terms = terms * (1 - torch.tanh(x / softcap).square())
+    return terms.masked_fill((targets == ignore_index).unsqueeze(-1), 0.0) / divisor
+
+
+def assert_grad_close(actual: torch.Tensor, expected64: torch.Tensor, roundings: int = 1,
+                      terms64: torch.Tensor | None = None) -> None:
+    """``roundings``: how many times the value was rounded to its dtype (2 when backward rescales it). ``terms64``:
+    ``gradient_terms`` of the inputs, for gradients whose terms cancel (label smoothing)."""
     dtype = actual.dtype
     assert torch.isfinite(actual).all(), "non-finite gradient"
     err = (actual.double() - expected64).abs()
     bound = roundings * (GRAD_RTOL[dtype] * expected64.abs() + GRAD_ATOL[dtype])
+    if terms64 is not None:
+        bound = bound + 64 * torch.finfo(torch.float32).eps * terms64.abs()
     worst = (err - bound).argmax()
     assert bool((err <= bound).all()), (
         f"{dtype} gradient off at flat index {int(worst)}: got {actual.flatten()[worst].item()}, "

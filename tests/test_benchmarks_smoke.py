@@ -1,12 +1,15 @@
 """Smoke test of the benchmark suite (benchmarks/bench_cross_entropy.py): one tiny CPU shape, a few seconds.
 
-It checks that the suite runs end to end and writes sane results, not how fast anything is.
+It checks that the suite runs end to end and writes sane results, not how fast anything is, and that a request it
+cannot serve (no GPU, nothing to measure) ends in one clear line and exit code 2.
 """
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cross_entropy.py"
 
@@ -67,3 +70,38 @@ def test_auto_backend_table_reads_suite_results(tmp_path, capsys):
     table.main(str(tmp_path / "r.json"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 ")]
     assert lines == ["| 8 × 5 | fwd+bwd | 2.000 | **1.000** | 0.50 |"]
+
+
+def test_cuda_device_without_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    """``--device cuda`` where there is no GPU: one line on stderr and exit code 2, not torch's traceback."""
+    bench = _load_bench()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)  # a machine without a GPU, on any machine
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--quick", "--no-plots", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("bench_cross_entropy.py: error: --device cuda: ")
+    assert "no CUDA device" in captured.err or "without CUDA" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_to_measure_says_why(tmp_path, capsys):
+    """``--impls fastce-triton`` on the CPU: exit code 2 and the reason, not a run of 0 measurements per shape."""
+    bench = _load_bench()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--impls", "fastce-triton", "--no-plots", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nothing to measure on cpu for --impls fastce-triton" in err
+    assert "fastce-triton: the suite runs it on a CUDA device only" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_impl_is_a_usage_error(tmp_path, capsys):
+    bench = _load_bench()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--impls", "fastce,hf-eagre", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--impls: unknown ['hf-eagre']" in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """The CUDA C++ backend (csrc/, fastce.kernels.cuda_ce).
 
 On any machine where fastce._C is built: the library loads, the op schemas are the documented ones, and the fake
-implementations trace (meta tensors, FakeTensorMode, torch.export). On a GPU: the launchers against a float64
-reference, with every output poisoned (NaN) first, on both launch paths (one block per row, and the vocabulary
-split over several blocks), plus the Triton launchers on the same inputs, torch.compile and opcheck.
+implementations trace (meta tensors, FakeTensorMode, torch.export). On a GPU: the launchers against the float64
+references (fastce/reference.py, and fastce/stats.py for merged shard statistics), with every output poisoned (NaN)
+first, on every launch path (the cluster path, its forward-only partials, one block per row, and the vocabulary split
+over several blocks), with and without the loss options; the shard ops on column ranges of every alignment; plus the
+Triton launchers on the same inputs, torch.compile and opcheck.
 """
 import subprocess
 import sys
@@ -11,15 +13,26 @@ import sys
 import pytest
 import torch
 
+from fastce import stats as fstats
 from fastce.kernels import cuda_ce
-from fastce.reference import cross_entropy_grad_reference, cross_entropy_reference
+from fastce.reference import cross_entropy_grad_reference, cross_entropy_reference, row_stats_reference
+from fastce.spec import PLAIN, LossSpec
 
-from helpers import assert_grad_close, random_logits, requires_cuda
+from helpers import assert_grad_close, gradient_terms, random_logits, requires_cuda
 
 IGNORE = -100
 CROSS_ENTROPY_SCHEMA = (
     "fastce_cuda::cross_entropy_fwd(Tensor logits, Tensor targets, Tensor divisor, Tensor(a!) losses, "
-    "Tensor(b!)? grad, int ignore_index, Tensor? skip=None) -> ()"
+    "Tensor(b!)? grad, int ignore_index, Tensor? skip=None, float softcap=0., float label_smoothing=0., "
+    "float z_loss=0., Tensor(c!)? row_stats=None) -> ()"
+)
+SHARD_STATS_SCHEMA = (
+    "fastce_cuda::shard_stats(Tensor logits, Tensor targets, int vocab_start, int ignore_index, Tensor(a!) stats, "
+    "float softcap, float label_smoothing, float z_loss, bool want_entropy) -> ()"
+)
+SHARD_GRAD_SCHEMA = (
+    "fastce_cuda::shard_grad(Tensor logits, Tensor targets, int vocab_start, int vocab_size, int ignore_index, "
+    "Tensor row, Tensor(a!) grad, float softcap, float label_smoothing, float z_loss) -> ()"
 )
 SCALE_GRAD_SCHEMA = "fastce_cuda::scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()"
 
@@ -75,6 +88,8 @@ def test_unbuilt_extension_says_so(monkeypatch):
 
 def test_op_schemas(ops):
     assert str(ops.cross_entropy_fwd.default._schema) == CROSS_ENTROPY_SCHEMA
+    assert str(ops.shard_stats.default._schema) == SHARD_STATS_SCHEMA
+    assert str(ops.shard_grad.default._schema) == SHARD_GRAD_SCHEMA
     assert str(ops.scale_grad_.default._schema) == SCALE_GRAD_SCHEMA
 
 
@@ -88,10 +103,19 @@ def _meta_args(B=2, T=3, V=11, dtype=torch.bfloat16, device="meta"):
     )
 
 
+def _per_row(B=2, T=3, fields=3, device="meta"):
+    """A float32 [B, T, fields] tensor: row_stats (3), shard stats (5) or shard_grad's row (3)."""
+    return torch.empty(B, T, fields, dtype=torch.float32, device=device)
+
+
 def test_fakes_on_meta_tensors(ops):
     logits, targets, divisor, losses, grad = _meta_args()
     assert ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE) is None
     assert ops.cross_entropy_fwd(logits, targets, divisor, losses, None, IGNORE) is None
+    assert ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, 3.0, 0.1, 1e-4,
+                                 _per_row()) is None
+    assert ops.shard_stats(logits, targets, 5, IGNORE, _per_row(fields=5), 3.0, 0.1, 0.0, True) is None
+    assert ops.shard_grad(logits, targets, 5, 100, IGNORE, _per_row(), grad, 3.0, 0.1, 0.0) is None
     assert ops.scale_grad_(grad, torch.empty(2, 3, device="meta")) is None
     assert ops.scale_grad_(grad, torch.empty((), device="meta")) is None
 
@@ -104,6 +128,20 @@ def test_fakes_check_shapes(ops):
         ops.cross_entropy_fwd(logits, targets, divisor, losses.double(), grad, IGNORE)
     with pytest.raises(RuntimeError, match="grad"):
         ops.cross_entropy_fwd(logits, targets, divisor, losses, grad.float(), IGNORE)
+    with pytest.raises(RuntimeError, match="row_stats"):
+        ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, 0.0, 0.0, 0.0, _per_row(fields=5))
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, 0.0, 1.5, 0.0)
+    with pytest.raises(RuntimeError, match="stats"):
+        ops.shard_stats(logits, targets, 0, IGNORE, _per_row(fields=3), 0.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="targets"):
+        ops.shard_stats(logits, targets[:1], 0, IGNORE, _per_row(fields=5), 0.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="row"):
+        ops.shard_grad(logits, targets, 0, 11, IGNORE, _per_row(T=2), grad, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad"):
+        ops.shard_grad(logits, targets, 0, 11, IGNORE, _per_row(), grad[:, :, :5], 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="vocab_size"):
+        ops.shard_grad(logits, targets, 0, 0, IGNORE, _per_row(), grad, 0.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="grad_output"):
         ops.scale_grad_(grad, torch.empty(3, 2, device="meta"))
 
@@ -114,6 +152,10 @@ def test_fakes_under_fake_tensor_mode(ops):
     with FakeTensorMode():
         logits, targets, divisor, losses, grad = _meta_args(device="cpu")
         ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
+        row_stats = _per_row(device="cpu")
+        ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, 2.0, 0.0, 0.0, row_stats)
+        ops.shard_stats(logits, targets, 0, IGNORE, _per_row(fields=5, device="cpu"), 2.0, 0.0, 0.0, False)
+        ops.shard_grad(logits, targets, 0, 11, IGNORE, _per_row(device="cpu"), grad, 2.0, 0.0, 0.0)
         ops.scale_grad_(grad, torch.empty((), dtype=torch.float32))
         assert grad.shape == logits.shape and losses.dtype == torch.float32
 
@@ -123,22 +165,31 @@ def test_export_functionalizes_both_mutations(ops):
     as torch.compile does: the schema's optional mutable grad is understood."""
 
     class Step(torch.nn.Module):
-        def forward(self, logits, targets, divisor, losses, grad):
+        def forward(self, logits, targets, divisor, losses, grad, row_stats, stats, row):
             ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
             ops.cross_entropy_fwd(logits, targets, divisor, losses, None, IGNORE)
+            ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, 2.0, 0.1, 0.0, row_stats)
+            ops.shard_stats(logits, targets, 0, IGNORE, stats, 2.0, 0.1, 0.0, True)
+            ops.shard_grad(logits, targets, 0, 11, IGNORE, row, grad, 2.0, 0.1, 0.0)
             ops.scale_grad_(grad, divisor.float())
-            return losses, grad
+            return losses, grad, row_stats, stats
 
     args = (torch.randn(2, 3, 11), torch.zeros(2, 3, dtype=torch.long), torch.tensor(2.0, dtype=torch.float64),
-            torch.empty(2, 3), torch.empty(2, 3, 11))
+            torch.empty(2, 3), torch.empty(2, 3, 11), torch.empty(2, 3, 3), torch.empty(2, 3, 5),
+            torch.rand(2, 3, 3))
     graph = torch.export.export(Step(), args).run_decompositions().graph_module.code
-    assert graph.count("auto_functionalized") >= 3 and "fastce_cuda.cross_entropy_fwd" in graph
+    assert graph.count("auto_functionalized") >= 6
+    assert all(f"fastce_cuda.{op}" in graph for op in ("cross_entropy_fwd", "shard_stats", "shard_grad"))
 
 
 def test_cpu_tensors_are_not_dispatched(ops):
     logits, targets, divisor, losses, grad = _meta_args(device="cpu")
     with pytest.raises(NotImplementedError):
         ops.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
+    with pytest.raises(NotImplementedError):
+        ops.shard_stats(logits, targets, 0, IGNORE, _per_row(fields=5, device="cpu"), 0.0, 0.0, 0.0, False)
+    with pytest.raises(NotImplementedError):
+        ops.shard_grad(logits, targets, 0, 11, IGNORE, _per_row(device="cpu"), grad, 0.0, 0.0, 0.0)
 
 
 # -- GPU: the kernels against float64 ---------------------------------------------------------------------------------
@@ -147,7 +198,8 @@ def test_cpu_tensors_are_not_dispatched(ops):
 # choice (the cluster path on sm_90 and newer; forward only, per-block partial stats merged by a second kernel);
 # "cluster2" is the cluster path with 2 vectors per thread, so that small vocabularies span clusters of several
 # blocks; "cluster2-fwd" also runs forward-only calls in clusters; "rows" is one block per row; "split" cuts each
-# row's vocabulary into about 5 blocks (fewer when V is small).
+# row's vocabulary into about 5 blocks (fewer when V is small). shard_stats takes the forward-only launch of each
+# path; shard_grad cuts each range into 1 ("rows") or about 5 ("split") blocks, else as many as its length needs.
 PATHS = {
     "auto": {},
     "cluster2": {"FASTCE_CUDA_CLUSTER": "2"},
@@ -166,29 +218,62 @@ def path(request, monkeypatch):
     return request.param
 
 
-def reference_grad(logits, targets, divisor, ignore_index=IGNORE):
-    return cross_entropy_grad_reference(logits, targets, divisor, ignore_index)
+def _outputs(logits, targets, grad, spec=PLAIN):
+    """NaN-poisoned (losses, grad, row_stats) for a launch; grad: "new", "inplace" (logits), None or a tensor."""
+    losses = torch.full(targets.shape, float("nan"), device=logits.device)
+    if isinstance(grad, str) and grad == "new":
+        grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
+    elif isinstance(grad, str) and grad == "inplace":
+        grad = logits
+    row_stats = torch.full((*targets.shape, 3), float("nan"), device=logits.device) if spec.stats else None
+    return losses, grad, row_stats
 
 
 def run(logits, targets, divisor=1.0, grad="new", launchers=cuda_ce):
     """The launcher's (losses, grad), written into NaN-poisoned outputs. grad: "new", "inplace" (logits) or None."""
-    losses = torch.full(targets.shape, float("nan"), device=logits.device)
-    if grad == "new":
-        grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
-    elif grad == "inplace":
-        grad = logits
+    losses, grad, _ = _outputs(logits, targets, grad)
     divisor = torch.tensor(divisor, dtype=torch.float64, device=logits.device)
     launchers.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE)
     return losses, grad
 
 
+def run_spec(logits, targets, spec, divisor=1.0, grad="new"):
+    """As ``run``, with the options of ``spec`` (row statistics too, for ``spec.stats``): (losses, grad, row_stats)."""
+    losses, grad, row_stats = _outputs(logits, targets, grad, spec)
+    divisor = torch.tensor(divisor, dtype=torch.float64, device=logits.device)
+    cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, spec=spec, row_stats=row_stats)
+    return losses, grad, row_stats
+
+
 def check(logits, targets, losses, grad, divisor=1.0):
     """losses and grad against float64, given the logits as they were before the launch."""
-    expected = cross_entropy_reference(logits, targets, IGNORE)
-    assert torch.equal(torch.isnan(losses), torch.isnan(expected)), "NaN losses where the reference has none, or not"
-    torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    check_spec(logits, targets, PLAIN, losses, grad, None, divisor)
+
+
+def reference_options(spec):
+    """The float64 references' keywords for ``spec``."""
+    return {"softcap": spec.softcap or None, "label_smoothing": spec.label_smoothing, "z_loss": spec.z_loss}
+
+
+def check_spec(logits, targets, spec, losses, grad, row_stats, divisor=1.0):
+    """losses, grad and row_stats (each may be None) against float64, given the logits as they were before the
+    launch: losses to 1e-6, the gradient at the rounding level of its dtype (plus float32 rounding of the terms that
+    cancel, with label smoothing), lse and entropy to 1e-6 and 1e-5, correct exactly."""
+    options = reference_options(spec)
+    if losses is not None:
+        expected = cross_entropy_reference(logits, targets, IGNORE, **options)
+        assert torch.equal(torch.isnan(losses), torch.isnan(expected)), "NaN losses where the reference has none or not"
+        torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
     if grad is not None:
-        assert_grad_close(grad, reference_grad(logits, targets, divisor))
+        terms = gradient_terms(logits, targets, divisor, IGNORE, **options) if not spec.plain else None
+        assert_grad_close(grad, cross_entropy_grad_reference(logits, targets, divisor, IGNORE, **options),
+                          terms64=terms)
+    if row_stats is not None:
+        lse, entropy, correct = row_stats_reference(logits, targets, IGNORE, softcap=options["softcap"])
+        torch.testing.assert_close(row_stats[..., 0].double(), lse, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(row_stats[..., 1].double(), entropy, rtol=1e-5, atol=1e-5)
+        assert torch.equal(row_stats[..., 2], correct.float()), "correct must be exactly 1.0 or 0.0, as the reference"
+        assert torch.equal(row_stats[targets == IGNORE], torch.zeros_like(row_stats[targets == IGNORE]))
 
 
 def labels(B, T, V, device="cuda", dtype=torch.int64):
@@ -204,6 +289,19 @@ def labels(B, T, V, device="cuda", dtype=torch.int64):
 # 65536, whose aligned rows fill whole cluster blocks exactly (2 blocks of 8 vectors x 512 threads in bf16).
 SHAPES = [(1, 1, 1), (2, 3, 3), (1, 4, 127), (2, 5, 32003), (3, 1, 8200), (1, 3, 128256), (2, 160, 4000),
           (2, 2, 65536)]
+
+# The loss options one at a time, the row statistics alone (the options kernels with no option), and all together.
+OPTIONS = {
+    "softcap": LossSpec(softcap=2.5),
+    "smoothing": LossSpec(label_smoothing=0.1),
+    "z-loss": LossSpec(z_loss=1e-3),
+    "stats": LossSpec(stats=True),
+    "all": LossSpec(softcap=4.0, label_smoothing=0.25, z_loss=3e-3, stats=True),
+}
+# (B, T, V) for the options: V=1 (the target coefficient 1 - e + e/V is exactly 1); odd V (no row 16-byte aligned);
+# a vocabulary over a vector multiple; Llama-3's 128256 (clusters of 4 blocks); more rows than SMs ("auto": the row
+# path without clusters); 65536 (aligned rows fill 2 cluster blocks exactly).
+OPTION_SHAPES = [(2, 3, 1), (1, 4, 127), (2, 5, 32003), (1, 3, 128256), (2, 160, 4000), (2, 2, 65536)]
 
 
 @gpu
@@ -221,13 +319,23 @@ def test_losses_and_grad(cuda_ops, path, dtype, shape):
 
 @gpu
 @requires_cuda
+@pytest.mark.parametrize("option", ["plain", "all"])
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("divisor", [0.0, 7.5])
-def test_target_dtypes_and_divisor(cuda_ops, path, target_dtype, divisor):
+def test_target_dtypes_and_divisor(cuda_ops, path, target_dtype, divisor, option):
+    """The gradient is divided by the divisor; a zero divisor makes the gradient of every row that is not ignored
+    NaN (a zero count with targets that are not ignored contradicts itself), and ignored rows still get zeros."""
+    spec = OPTIONS.get(option, PLAIN)
     logits = random_logits((2, 7, 1000), torch.bfloat16, "cuda")
     targets = labels(2, 7, 1000, dtype=target_dtype)
-    losses, grad = run(logits, targets, divisor=divisor)
-    check(logits, targets, losses, grad, divisor=divisor)
+    targets[0, 3] = 1000  # out of range: NaN loss, and with a zero divisor a NaN gradient like the other rows
+    losses, grad, row_stats = run_spec(logits, targets, spec, divisor=divisor)
+    if divisor == 0.0:
+        kept = targets != IGNORE
+        assert torch.isnan(grad[kept]).all(), "a zero divisor must make the gradient of the rows not ignored NaN"
+        assert torch.equal(grad[~kept], torch.zeros_like(grad[~kept])), "ignored rows must get exact zeros"
+        grad = None
+    check_spec(logits, targets, spec, losses, grad, row_stats, divisor=divisor)
 
 
 @gpu
@@ -357,6 +465,267 @@ def test_matches_triton(cuda_ops, dtype):
     torch.testing.assert_close(cuda_grad, triton_grad, rtol=(128 if dtype == torch.float32 else 1) * eps, atol=1e-30)
 
 
+# -- GPU: the loss options and the row statistics --------------------------------------------------------------------
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", OPTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options_losses_grad_and_stats(cuda_ops, path, option, dtype, shape):
+    spec = OPTIONS[option]
+    logits = random_logits(shape, dtype, "cuda")
+    targets = labels(*shape)
+    losses, grad, row_stats = run_spec(logits, targets, spec, divisor=3.0)
+    check_spec(logits, targets, spec, losses, grad, row_stats, divisor=3.0)
+    # Forward only: "auto" writes partial statistics per block on the cluster path, merged by a second kernel.
+    losses, _, row_stats = run_spec(logits, targets, spec, grad=None)
+    check_spec(logits, targets, spec, losses, None, row_stats)
+
+
+@gpu
+@requires_cuda
+def test_row_stats_accuracy_and_ignored_rows(cuda_ops, path):
+    """Targets made the argmax of their row count as correct (ties too), the others not; ignored rows get zeros."""
+    spec = OPTIONS["all"]
+    V = 5003
+    logits = random_logits((3, 7, V), torch.bfloat16, "cuda")
+    targets = labels(3, 7, V)
+    targets[1] = IGNORE
+    targets[2, 0] = V + 1  # out of range: NaN loss, correct 0
+    rows = torch.arange(0, 21, 2, device="cuda")
+    flat = logits.view(-1, V)
+    chosen = targets.view(-1)[rows]
+    keep = (chosen >= 0) & (chosen < V)
+    flat[rows[keep], chosen[keep]] = 30.0
+    flat[rows[keep][:1], (chosen[keep][:1] + 1) % V] = 30.0  # a tie with the target: still correct
+    losses, grad, row_stats = run_spec(logits, targets, spec, divisor=2.0)
+    check_spec(logits, targets, spec, losses, grad, row_stats, divisor=2.0)
+    assert row_stats[..., 2].sum() >= 1 and not bool(row_stats[2, 0, 2])
+    assert torch.equal(losses[1], torch.zeros_like(losses[1])) and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [5, 32003, 128256])
+def test_options_in_place(cuda_ops, path, dtype, V):
+    spec = OPTIONS["all"]
+    logits = random_logits((2, 3, V), dtype, "cuda")[:, 1:]  # a slice: in place into a view
+    before = logits.clone()
+    targets = labels(2, 2, V)
+    targets[0, 0] = V  # out of range: the loss is NaN, the gradient has no one-hot term
+    losses, grad, row_stats = run_spec(logits, targets, spec, divisor=5.0, grad="inplace")
+    assert grad is logits
+    check_spec(before, targets, spec, losses, logits, row_stats, divisor=5.0)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("option", ["smoothing", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_options_read_nothing_outside_the_rows(cuda_ops, path, option, dtype):
+    """Rows of a wider buffer whose other columns are huge, one element in (no row 16-byte aligned): a read outside
+    a row, or an element past its end that the sums do not leave out, would move the sum of the logits and the max
+    far from the reference (with a softcap, a huge logit becomes the row's max)."""
+    base = OPTIONS[option]
+    spec = LossSpec(base.softcap, base.label_smoothing, base.z_loss, stats=True)
+    V = 3001
+    buffer = random_logits((2, 4, V + 40), dtype, "cuda")
+    buffer[..., 0] = 1e30
+    buffer[..., V + 1:] = 1e30
+    logits = buffer[..., 1:V + 1]
+    for targets in (torch.tensor([[V, -1, 2**40, 5], [-(2**40), IGNORE, V - 1, 0]], device="cuda"),
+                    torch.tensor([[V, -1, 2**31 - 1, 5], [-(2**31), IGNORE, V - 1, 0]], device="cuda",
+                                 dtype=torch.int32)):
+        losses, grad, row_stats = run_spec(logits, targets, spec, divisor=2.0)
+        assert torch.isnan(losses[0, :3]).all() and torch.isnan(losses[1, 0])
+        assert not row_stats[0, :3, 2].any() and not row_stats[1, 0, 2]
+        check_spec(logits, targets, spec, losses, grad, row_stats, divisor=2.0)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("grad", ["new", "inplace", None])
+def test_options_few_rows_large_vocab(cuda_ops, grad):
+    """8 rows of a 256000 vocabulary: clusters of 8 blocks on sm_90 (partials forward only), else the split path."""
+    spec = OPTIONS["all"]
+    logits = random_logits((2, 4, 256000), torch.bfloat16, "cuda")
+    before = logits.clone()
+    targets = labels(2, 4, 256000)
+    targets[0, 1] = 256000
+    losses, grad, row_stats = run_spec(logits, targets, spec, divisor=8.0, grad=grad)
+    check_spec(before, targets, spec, losses, grad, row_stats, divisor=8.0)
+
+
+@gpu
+@requires_cuda
+def test_options_all_ignored(cuda_ops, path):
+    logits = random_logits((2, 3, 5000), torch.bfloat16, "cuda")
+    targets = torch.full((2, 3), IGNORE, device="cuda")
+    losses, grad, row_stats = run_spec(logits, targets, OPTIONS["all"])
+    assert torch.equal(losses, torch.zeros_like(losses))
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert torch.equal(row_stats, torch.zeros_like(row_stats))
+
+
+@gpu
+@requires_cuda
+def test_plain_spec_takes_the_plain_kernels(cuda_ops, path):
+    """spec=PLAIN is the launch without options, bit for bit; the options kernels without an option (row statistics
+    alone) agree with it to rounding."""
+    logits = random_logits((2, 7, 5003), torch.bfloat16, "cuda")
+    targets = labels(2, 7, 5003)
+    losses, grad = run(logits, targets, divisor=2.0)
+    plain_losses, plain_grad, _ = run_spec(logits, targets, PLAIN, divisor=2.0)
+    assert torch.equal(plain_losses, losses) and torch.equal(plain_grad, grad)
+    stats_losses, stats_grad, _ = run_spec(logits, targets, OPTIONS["stats"], divisor=2.0)
+    torch.testing.assert_close(stats_losses, losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats_grad, grad, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-30)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_options_deterministic(cuda_ops, path, option):
+    spec = OPTIONS.get(option, PLAIN)
+    logits = random_logits((4, 20, 50257), torch.bfloat16, "cuda")
+    targets = labels(4, 20, 50257)
+    first = run_spec(logits, targets, spec)
+    second = run_spec(logits, targets, spec)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+# -- GPU: the shard ops (statistics of column ranges, the epilogue on each range) -------------------------------------
+
+SHARD_SPECS = {"plain": PLAIN, "all": LossSpec(softcap=3.0, label_smoothing=0.2, z_loss=0.01, stats=True)}
+# (B, T, V, cuts): one range; uneven ranges starting at odd columns (misaligned slices), one a single column; ranges
+# of several cluster blocks ("cluster2": 5 blocks of 2 vectors per thread; "auto": partials of 8); V = 1.
+SHARD_CASES = {"one-range": (2, 3, 37, []), "uneven": (2, 5, 1001, [1, 400, 401]), "wide": (2, 3, 70001, [3, 40003]),
+               "V1": (2, 2, 1, [])}
+
+
+def _ranges(vocab, cuts):
+    bounds = [0, *cuts, vocab]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def shard_targets(B, T, V, dtype=torch.int64):
+    targets = torch.randint(0, V, (B, T), device="cuda", dtype=dtype)
+    targets[0, 0] = IGNORE
+    targets[-1, -1] = V + 2  # in no range: NaN loss, no one-hot, correct 0
+    return targets
+
+
+def capped64(logits, spec):
+    x = logits.double()
+    return x if not spec.softcap else spec.softcap * torch.tanh(x / spec.softcap)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+@pytest.mark.parametrize("option", list(SHARD_SPECS))
+def test_shard_stats_merge_to_the_whole_row(cuda_ops, path, option, case, dtype, target_dtype):
+    spec = SHARD_SPECS[option]
+    B, T, V, cuts = SHARD_CASES[case]
+    logits = random_logits((B, T, V), dtype, "cuda")
+    targets = shard_targets(B, T, V, target_dtype)
+    ignored = targets == IGNORE
+    x = capped64(logits, spec)
+    parts = []
+    for lo, hi in _ranges(V, cuts):
+        out = fstats.empty_stats((B, T), "cuda")
+        cuda_ce.shard_stats(logits[..., lo:hi], targets, lo, IGNORE, out, spec)
+        assert not out.isnan().any(), "an output was left unwritten"
+        identity = torch.tensor([float("-inf"), 0.0, 0.0, 0.0, 0.0], device="cuda")
+        assert torch.equal(out[ignored], identity.expand_as(out[ignored]))
+        here = (targets >= lo) & (targets < hi) & ~ignored
+        x_t = x.gather(-1, torch.where(here, targets.long(), 0).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(out[..., 2].double(), torch.where(here, x_t, 0.0), rtol=1e-6, atol=1e-6)
+        assert (out[..., 3] == 0).all() or spec.needs_sum_x
+        assert (out[..., 4] == 0).all() or spec.needs_sum_px
+        parts.append(out)
+    losses, row_stats = fstats.finish(fstats.merge(torch.stack(parts)), targets, V, IGNORE, spec)
+    check_spec(logits, targets, spec, losses, None, row_stats)
+
+
+@gpu
+@requires_cuda
+def test_shard_stats_of_no_columns(cuda_ops):
+    """An empty range (a rank's empty vocabulary shard): every row gets the identity of the merge."""
+    logits = random_logits((2, 3, 8), torch.bfloat16, "cuda")[..., 5:5]
+    out = fstats.empty_stats((2, 3), "cuda")
+    cuda_ce.shard_stats(logits, shard_targets(2, 3, 8), 5, IGNORE, out, SHARD_SPECS["all"])
+    assert torch.equal(out[..., 0], torch.full((2, 3), float("-inf"), device="cuda"))
+    assert torch.equal(out[..., 1:], torch.zeros(2, 3, 4, device="cuda"))
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+@pytest.mark.parametrize("option", list(SHARD_SPECS))
+@pytest.mark.parametrize("splits", ["auto", "1", "5"])
+def test_shard_grad_of_each_range(cuda_ops, monkeypatch, splits, option, case, dtype, inplace):
+    """The epilogue on each range, given each whole row's float64 (max, sum) rounded to float32 and a per-row scale;
+    each range in as many blocks as its length needs, in 1, or in about 5 (the only launch choice shard_grad has). A
+    fresh grad beside a misaligned slice of the logits takes the scalar path."""
+    monkeypatch.delenv("FASTCE_CUDA_NUM_SPLITS", raising=False)
+    if splits != "auto":
+        monkeypatch.setenv("FASTCE_CUDA_NUM_SPLITS", splits)
+    spec = SHARD_SPECS[option]
+    B, T, V, cuts = SHARD_CASES[case]
+    logits = random_logits((B, T, V), dtype, "cuda")
+    targets = shard_targets(B, T, V, torch.int32 if case == "uneven" else torch.int64)
+    x = capped64(logits, spec)
+    scale = torch.rand(B, T, device="cuda", dtype=torch.float64) + 0.5  # upstream gradient / divisor, per row
+    row = torch.stack((x.amax(-1), torch.exp(x - x.amax(-1, keepdim=True)).sum(-1), scale), dim=-1).float()
+    options = reference_options(spec)
+    expected = cross_entropy_grad_reference(logits, targets, 1.0, IGNORE, **options) * scale.unsqueeze(-1)
+    terms = gradient_terms(logits, targets, 1.0, IGNORE, **options) * scale.unsqueeze(-1)
+    work = logits.clone()
+    for lo, hi in _ranges(V, cuts):
+        grad = work[..., lo:hi] if inplace else torch.full_like(logits[..., lo:hi], float("nan"))
+        cuda_ce.shard_grad(work[..., lo:hi], targets, lo, V, IGNORE, row, grad, spec)
+        assert_grad_close(grad, expected[..., lo:hi], terms64=terms[..., lo:hi])
+        assert torch.equal(grad[targets == IGNORE], torch.zeros_like(grad[targets == IGNORE]))
+
+
+@gpu
+@requires_cuda
+def test_shard_grad_of_lm_head_slabs(cuda_ops):
+    """The shape the fused lm_head loss runs: float32 slabs of 16384 columns of 7168 rows, in place, and the
+    statistics of the same slabs."""
+    spec = SHARD_SPECS["all"]
+    N, V, slab = 7168, 40000, 16384
+    logits = random_logits((1, N, V), torch.float32, "cuda")
+    targets = shard_targets(1, N, V)
+    parts = []
+    for lo in range(0, V, slab):
+        out = fstats.empty_stats((1, N), "cuda")
+        cuda_ce.shard_stats(logits[..., lo:lo + slab].contiguous(), targets, lo, IGNORE, out, spec)
+        parts.append(out)
+    merged = fstats.merge(torch.stack(parts))
+    losses, row_stats = fstats.finish(merged, targets, V, IGNORE, spec)
+    sample = slice(0, 700)  # the float64 references of a sample of the rows
+    check_spec(logits[:, sample], targets[:, sample], spec, losses[:, sample], None, row_stats[:, sample])
+    scale = torch.full((1, N), 0.25, device="cuda")
+    row = torch.stack((merged[..., 0], merged[..., 1], scale), dim=-1).contiguous()
+    expected = cross_entropy_grad_reference(logits[:, sample], targets[:, sample], 4.0, IGNORE,
+                                            **reference_options(spec))
+    terms = gradient_terms(logits[:, sample], targets[:, sample], 4.0, IGNORE, **reference_options(spec))
+    for lo in range(0, V, slab):
+        block = logits[..., lo:lo + slab].contiguous()
+        cuda_ce.shard_grad(block, targets, lo, V, IGNORE, row, block, spec)
+        assert_grad_close(block[:, sample], expected[..., lo:lo + slab], terms64=terms[..., lo:lo + slab])
+
+
 # -- GPU: scale_grad_ ------------------------------------------------------------------------------------------------
 
 
@@ -429,6 +798,33 @@ def test_user_errors_raise(cuda_ops):
 
 @gpu
 @requires_cuda
+def test_user_errors_raise_with_options_and_shards(cuda_ops):
+    ops = cuda_ops
+    logits, targets, divisor, losses = small_case(64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        ops.cross_entropy_fwd(logits, targets, divisor, losses, None, IGNORE, None, 0.0, 1.5, 0.0)
+    with pytest.raises(RuntimeError, match="softcap"):
+        ops.cross_entropy_fwd(logits, targets, divisor, losses, None, IGNORE, None, float("inf"), 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="row_stats"):
+        cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, None, IGNORE, spec=OPTIONS["all"],
+                                  row_stats=torch.empty(2, 3, 3, device="cuda").transpose(0, 1).contiguous())
+    stats = torch.empty(2, 3, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="vocab_start"):
+        cuda_ce.shard_stats(logits, targets, -1, IGNORE, stats, PLAIN)
+    with pytest.raises(RuntimeError, match="stats must be a contiguous"):
+        cuda_ce.shard_stats(logits, targets, 0, IGNORE, torch.empty(2, 5, 3, device="cuda").transpose(1, 2), PLAIN)
+    row = torch.rand(2, 3, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="row must be"):
+        cuda_ce.shard_grad(logits, targets, 0, 64, IGNORE, row.double(), logits, PLAIN)
+    with pytest.raises(RuntimeError, match="vocab_size"):
+        cuda_ce.shard_grad(logits, targets, 0, 0, IGNORE, row, logits, PLAIN)
+    buffer = torch.empty(2 * 3 * 64 + 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="overlap"):
+        cuda_ce.shard_grad(buffer[:384].view(2, 3, 64), targets, 0, 64, IGNORE, row, buffer[64:].view(2, 3, 64), PLAIN)
+
+
+@gpu
+@requires_cuda
 def test_compile_fullgraph(cuda_ops):
     def loss_and_grad(logits, targets, divisor, grad_output):
         losses = logits.new_empty(logits.shape[:2], dtype=torch.float32)
@@ -448,9 +844,44 @@ def test_compile_fullgraph(cuda_ops):
 
 @gpu
 @requires_cuda
+def test_compile_fullgraph_with_options_and_shards(cuda_ops):
+    spec = OPTIONS["all"]
+
+    def step(logits, targets, divisor):
+        B, T, V = logits.shape
+        losses = logits.new_empty((B, T), dtype=torch.float32)
+        row_stats = logits.new_empty((B, T, 3), dtype=torch.float32)
+        grad = torch.empty_like(logits)
+        cuda_ce.cross_entropy_fwd(logits, targets, divisor, losses, grad, IGNORE, None, spec=spec, row_stats=row_stats)
+        stats = logits.new_empty((B, T, 5), dtype=torch.float32)
+        cuda_ce.shard_stats(logits[..., 7:], targets, 7, IGNORE, stats, spec)
+        row = torch.stack((stats[..., 0], stats[..., 1], torch.full_like(losses, 0.5)), dim=-1)
+        shard_grad = torch.empty_like(logits[..., 7:])
+        cuda_ce.shard_grad(logits[..., 7:], targets, 7, V, IGNORE, row, shard_grad, spec)
+        return losses, grad, row_stats, stats, shard_grad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    args = (random_logits((2, 5, 1003), torch.bfloat16, "cuda"), labels(2, 5, 1003),
+            torch.tensor(4.0, dtype=torch.float64, device="cuda"))
+    for actual, expected in zip(compiled(*args), step(*args)):
+        assert torch.equal(actual, expected)
+
+
+@gpu
+@requires_cuda
 def test_opcheck(cuda_ops):
     logits, targets, divisor, losses = small_case(37, torch.float32)
     grad = torch.empty_like(logits)
     torch.library.opcheck(cuda_ops.cross_entropy_fwd.default, (logits, targets, divisor, losses, grad, IGNORE))
     torch.library.opcheck(cuda_ops.cross_entropy_fwd.default, (logits, targets, divisor, losses, None, IGNORE))
+    row_stats = torch.empty(2, 3, 3, device="cuda")
+    torch.library.opcheck(cuda_ops.cross_entropy_fwd.default,
+                          (logits, targets, divisor, losses, grad, IGNORE, None, 2.0, 0.1, 1e-3, row_stats))
+    stats = torch.empty(2, 3, 5, device="cuda")
+    torch.library.opcheck(cuda_ops.shard_stats.default,
+                          (logits[..., 3:], targets, 3, IGNORE, stats, 2.0, 0.1, 0.0, True))
+    row = torch.stack((torch.full((2, 3), 5.0), torch.full((2, 3), 40.0), torch.rand(2, 3)), dim=-1).cuda()
+    torch.library.opcheck(cuda_ops.shard_grad.default,
+                          (logits[..., 3:], targets, 3, 37, IGNORE, row, grad[..., 3:], 2.0, 0.1, 1e-3))
     torch.library.opcheck(cuda_ops.scale_grad_.default, (logits.clone(), torch.rand(2, 3, device="cuda")))

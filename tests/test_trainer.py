@@ -20,6 +20,7 @@ from fastce.integrations.transformers import (  # noqa: E402
     patch_model,
     patch_transformers,
     patched_transformers,
+    trainer_loss,
     unpatch_transformers,
 )
 
@@ -90,7 +91,7 @@ def _unpatch():
     unpatch_transformers()
 
 
-def _trainer(model, dataset, output_dir, batch_size: int, grad_accum: int):
+def _trainer(model, dataset, output_dir, batch_size: int, grad_accum: int, **trainer_kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
@@ -110,7 +111,7 @@ def _trainer(model, dataset, output_dir, batch_size: int, grad_accum: int):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    return transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=_collate)
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=_collate, **trainer_kwargs)
 
 
 def _train(trainer) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -126,13 +127,16 @@ def _train(trainer) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, weights
 
 
-def _run(initial_model, dataset, tmp_path, batch_size, grad_accum, patch=None, **model_attrs):
+def _run(initial_model, dataset, tmp_path, batch_size, grad_accum, patch=None, trainer_kwargs=None, **model_attrs):
     model = copy.deepcopy(initial_model)
     for name, value in model_attrs.items():
         setattr(model, name, value)
     if patch == "model":
         patch_model(model)
-    trainer = _trainer(model, dataset, tmp_path / f"bs{batch_size}_ga{grad_accum}", batch_size, grad_accum)
+    elif patch == "fused":
+        patch_model(model, fuse_lm_head=True)
+    trainer = _trainer(model, dataset, tmp_path / f"bs{batch_size}_ga{grad_accum}", batch_size, grad_accum,
+                       **(trainer_kwargs or {}))
     return _train(trainer)
 
 
@@ -210,19 +214,29 @@ def test_trainer_built_while_patched_counts_shifted_targets_after_unpatch(initia
     _assert_same_training(run, stock, "Trainer built while patched, trained after unpatch")
 
 
-def test_demo_runs_and_prints_matching_losses(tmp_path, capsys):
-    """The README's demo command (``benchmarks/demo_trainer.py``), shortened."""
-    import importlib.util
-    from pathlib import Path
+def test_fused_lm_head_trains_as_stock(initial_model, dataset, tmp_path, linear_spy):
+    """fuse_lm_head=True: the same losses and weights as the stock model, batch 8 x 1 and 2 x 4, and the logits are
+    never made (every micro-batch's loss came from the hidden states)."""
+    stock = _run(initial_model, dataset, tmp_path / "stock", 8, 1)
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        calls_before = len(linear_spy)
+        run = _run(initial_model, dataset, tmp_path / "fused", batch_size, grad_accum, patch="fused")
+        assert len(linear_spy) - calls_before == STEPS * grad_accum
+        _assert_same_training(run, stock, f"fused lm_head bs={batch_size} ga={grad_accum}")
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_trainer.py"
-    spec = importlib.util.spec_from_file_location("demo_trainer", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    demo.main(["--device", "cpu", "--steps", "2", "--grad-accum", "2", "--output-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "The Zen of Python" not in out  # reading `this` must not print it
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 2
-    for _, stock, ours, _ in rows:
-        assert abs(float(stock) - float(ours)) <= LOSS_RTOL * float(stock)
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["logits", "fused-head"])
+def test_compute_loss_func_door(initial_model, dataset, tmp_path, spy, linear_spy, fuse):
+    """Trainer(compute_loss_func=fastce.trainer_loss()): batch 8 x 1 and 2 x 4 give the stock losses and weights.
+    Trainer pops the labels and counts the shifted targets of the step (the model's loss type is ForCausalLM), which
+    is exactly what the loss sums: its first step's logged loss is the float64 mean over the shifted targets."""
+    stock = _run(initial_model, dataset, tmp_path / "stock", 8, 1)
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        spy.clear()
+        linear_spy.clear()
+        run = _run(initial_model, dataset, tmp_path / "door", batch_size, grad_accum, patch="fused" if fuse else None,
+                   trainer_kwargs={"compute_loss_func": trainer_loss()})
+        assert len(linear_spy if fuse else spy) == STEPS * grad_accum
+        counts = [float(n) for n in (linear_spy if fuse else spy)]
+        assert counts == _step_counts(dataset, grad_accum)
+        _assert_same_training(run, stock, f"compute_loss_func bs={batch_size} ga={grad_accum}")

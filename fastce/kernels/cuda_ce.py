@@ -8,11 +8,15 @@ loads and compiles nothing; ``load_extension()`` (called by the launchers and by
 
 Launch paths: on sm_90 and newer, the cluster path (one thread-block cluster per row, the row held in registers and
 read once); elsewhere, or where a row needs more than 16 blocks, the row path (one block per row, two passes) or the
-split path (few rows: each row's vocabulary over several blocks). Launch tuning, read from the environment at every
-launch (defaults come from the compute capability, the SM count and the L2 size): ``FASTCE_CUDA_CLUSTER=0`` turns
-the cluster path off, ``=2`` / ``=8`` forces its 16-byte vectors per thread; ``FASTCE_CUDA_NUM_SPLITS=n`` cuts each
-row's vocabulary into about n blocks (1: one block per row), and ``FASTCE_CUDA_ROW_BLOCKS_PER_SM=n`` sets the
-blocks per SM of the one-block-per-row path.
+split path (few rows: each row's vocabulary over several blocks). ``shard_stats`` takes the forward-only launches of
+the same paths; ``shard_grad`` is one elementwise pass (the split path's second kernel, given each row's statistics).
+Plain cross-entropy runs kernels compiled without the options; a spec that is not plain, or row statistics, run
+their options variants on the same paths. Launch tuning, read from the environment at every launch (defaults come
+from the compute capability, the SM count and the L2 size): ``FASTCE_CUDA_CLUSTER=0`` turns the cluster path off,
+``=2`` / ``=8`` forces its 16-byte vectors per thread; ``FASTCE_CUDA_FWD_PARTIALS=0`` runs forward-only rows of
+several blocks in clusters rather than as partial statistics merged by a second kernel;
+``FASTCE_CUDA_NUM_SPLITS=n`` cuts each row's vocabulary into about n blocks (1: one block per row; also the splits
+of ``shard_grad``), and ``FASTCE_CUDA_ROW_BLOCKS_PER_SM=n`` sets the blocks per SM of the one-block-per-row path.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from ..spec import PLAIN, LossSpec
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source checkout or an editable install
 
@@ -62,9 +68,32 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, skip=None) -> None:
+def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int, skip=None, spec: LossSpec = PLAIN,
+                      row_stats=None) -> None:
     load_extension()
-    torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index, skip)
+    if spec.plain and row_stats is None:  # the op's defaults: the plain kernels
+        torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index, skip)
+        return
+    torch.ops.fastce_cuda.cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index, skip, spec.softcap,
+                                            spec.label_smoothing, spec.z_loss, row_stats)
+
+
+def shard_stats(logits, targets, vocab_start: int, ignore_index: int, stats, spec: LossSpec = PLAIN) -> None:
+    load_extension()
+    torch.ops.fastce_cuda.shard_stats(logits, targets, vocab_start, ignore_index, stats, spec.softcap,
+                                      spec.label_smoothing, spec.z_loss, spec.stats)
+
+
+# shard_grad's gradient must have the logits' dtype here (no mixed-dtype kernel variants): a caller that wants float32
+# logits to give a bfloat16 gradient runs it in place and casts (fastce/linear.py).
+SHARD_GRAD_CASTS = False
+
+
+def shard_grad(logits, targets, vocab_start: int, vocab_size: int, ignore_index: int, row, grad,
+               spec: LossSpec = PLAIN) -> None:
+    load_extension()
+    torch.ops.fastce_cuda.shard_grad(logits, targets, vocab_start, vocab_size, ignore_index, row, grad, spec.softcap,
+                                     spec.label_smoothing, spec.z_loss)
 
 
 def scale_grad_(grad, grad_output) -> None:
@@ -121,26 +150,69 @@ def _build_just_in_time() -> None:
     )
 
 
+def _check_rows(logits, targets) -> None:
+    torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    torch._check(
+        tuple(targets.shape) == tuple(logits.shape[:2]),
+        lambda: f"targets must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}",
+    )
+
+
+def _check_grad(grad, logits) -> None:
+    torch._check(
+        grad.dtype == logits.dtype and tuple(grad.shape) == tuple(logits.shape),
+        lambda: f"grad must match the logits' dtype and shape, got {grad.dtype} {tuple(grad.shape)}",
+    )
+
+
+def _check_fields(tensor, logits, fields: int, name: str) -> None:
+    """A float32 [B, T, fields] tensor of per-row values (row_stats, stats, row)."""
+    expected = (*logits.shape[:2], fields)
+    torch._check(
+        tensor.dtype == torch.float32 and tuple(tensor.shape) == tuple(expected),
+        lambda: f"{name} must be float32 {tuple(expected)}, got {tensor.dtype} {tuple(tensor.shape)}",
+    )
+
+
+def _check_options(softcap, label_smoothing, z_loss) -> None:
+    torch._check(softcap >= 0.0, lambda: f"softcap must be 0 (none) or > 0, got {softcap}")
+    torch._check(0.0 <= label_smoothing <= 1.0, lambda: f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check(z_loss >= 0.0, lambda: f"z_loss must be >= 0, got {z_loss}")
+
+
 def _register_fakes() -> None:
     """Fake implementations for tracing (torch.compile, FakeTensorMode, meta tensors). The ops write into their
     arguments and return nothing, so a fake only checks what the CUDA launcher checks about shapes and dtypes."""
 
     @torch.library.register_fake("fastce_cuda::cross_entropy_fwd")
-    def _(logits, targets, divisor, losses, grad, ignore_index, skip=None):
-        torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-        torch._check(
-            tuple(targets.shape) == tuple(logits.shape[:2]),
-            lambda: f"targets must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}",
-        )
+    def _(logits, targets, divisor, losses, grad, ignore_index, skip=None, softcap=0.0, label_smoothing=0.0,
+          z_loss=0.0, row_stats=None):
+        _check_rows(logits, targets)
         torch._check(
             losses.dtype == torch.float32 and tuple(losses.shape) == tuple(logits.shape[:2]),
             lambda: f"losses must be float32 [B, T], got {losses.dtype} {tuple(losses.shape)}",
         )
         if grad is not None:
-            torch._check(
-                grad.dtype == logits.dtype and tuple(grad.shape) == tuple(logits.shape),
-                lambda: f"grad must match the logits' dtype and shape, got {grad.dtype} {tuple(grad.shape)}",
-            )
+            _check_grad(grad, logits)
+        _check_options(softcap, label_smoothing, z_loss)
+        if row_stats is not None:
+            _check_fields(row_stats, logits, 3, "row_stats")
+
+    @torch.library.register_fake("fastce_cuda::shard_stats")
+    def _(logits, targets, vocab_start, ignore_index, stats, softcap, label_smoothing, z_loss, want_entropy):
+        _check_rows(logits, targets)
+        _check_fields(stats, logits, 5, "stats")
+        torch._check(vocab_start >= 0, lambda: f"vocab_start must be >= 0, got {vocab_start}")
+        _check_options(softcap, label_smoothing, z_loss)
+
+    @torch.library.register_fake("fastce_cuda::shard_grad")
+    def _(logits, targets, vocab_start, vocab_size, ignore_index, row, grad, softcap, label_smoothing, z_loss):
+        _check_rows(logits, targets)
+        _check_fields(row, logits, 3, "row")
+        _check_grad(grad, logits)
+        torch._check(vocab_start >= 0, lambda: f"vocab_start must be >= 0, got {vocab_start}")
+        torch._check(vocab_size >= 1, lambda: f"vocab_size must be >= 1, got {vocab_size}")
+        _check_options(softcap, label_smoothing, z_loss)
 
     @torch.library.register_fake("fastce_cuda::scale_grad_")
     def _(grad, grad_output):

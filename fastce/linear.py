@@ -1,0 +1,210 @@
+"""The fused lm_head + cross-entropy: ``input @ weight.T (+ bias)`` and the loss, no ``[N, V]`` tensor ever in full.
+
+The vocabulary is cut into slabs small enough to keep (``_slab_columns``); each phase of the loss runs slab by slab:
+
+* forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding), reduced at once to
+  its rows' partial statistics by the kernels' ``shard_stats``; ``fastce/stats.py`` merges them into each row's
+  statistics, whence the losses. Nothing of size V survives the slab.
+* backward, three GEMMs: each slab's float32 logits again; the epilogue (``shard_grad``) turns them into the gradient
+  of the logits in the weight's dtype (rounded once, from float32 logits: the softmax is the loss's), scaled per row
+  by the upstream gradient; then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32
+  accumulation, one rounding, no round-off growing with the number of slabs) and ``grad_input += dlogits @
+  weight[slab]`` into a float32 accumulator.
+
+So the memory above the inputs is the gradients plus one slab and an ``[N, D]`` float32 accumulator, and a gradient
+is exact for any upstream gradient, per-token losses included. The price is the forward GEMM done twice (4 GEMMs in
+all, where logits held in memory would need 3): benchmarks/NOTES.md.
+
+Both phases are custom ops (``fastce::linear_stats``, ``fastce::linear_grads``), so ``torch.compile`` sees two
+opaque nodes. This module knows nothing of shifting, reductions' divisors or transformers: ``linear_loss.py`` does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import stats as _stats
+from .backends import kernels
+from .function import _sum_over
+from .shard_ops import run_shard_grad, run_shard_stats
+from .spec import LossSpec
+
+# Bytes of one slab of logits (float32, and in the backward their gradient in the weight's dtype too): with the
+# [N, D] float32 accumulator of grad_input, the workspace above the gradients.
+_SLAB_BYTES = 128 << 20
+_SLAB_ALIGN = 256  # columns: whole GEMM tiles
+
+
+def _slab_columns(rows: int, vocab: int, elem: int) -> int:
+    columns = _SLAB_BYTES // max(rows * elem, 1)
+    columns = max(_SLAB_ALIGN, columns // _SLAB_ALIGN * _SLAB_ALIGN)
+    return min(vocab, columns)
+
+
+def _slabs(rows: int, vocab: int, elem: int):
+    width = _slab_columns(rows, vocab, elem)
+    for start in range(0, vocab, width):
+        yield start, min(vocab, start + width)
+
+
+_MIXED_MM: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
+
+
+def _mixed_mm_supported(device: torch.device) -> bool:
+    if device.type not in _MIXED_MM:
+        try:
+            a = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+            torch.mm(a, a, out_dtype=torch.float32)
+            _MIXED_MM[device.type] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_MM[device.type] = False
+    return _MIXED_MM[device.type]
+
+
+def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as float32, from operands of any float dtype: one GEMM with float32 output where the device has it
+    (cuBLAS), else on float32 copies (the CPU path)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b.float())
+    if _mixed_mm_supported(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi: int) -> Tensor:
+    """``[1, N, hi - lo]`` float32 logits of the vocabulary slab ``[lo, hi)`` (the same bits in both phases: the
+    gradient's softmax is the loss's)."""
+    logits = _mm_float32(input, weight[lo:hi].t())
+    if bias is not None:
+        logits += bias[lo:hi].float()
+    return logits.unsqueeze(0)
+
+
+def linear_stats_impl(input: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
+                      backend: str, softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                      stats: bool = False, vocab_start: int = 0) -> Tensor:
+    """``[N, 5]`` merged statistics (fastce/stats.py) of the rows of ``input @ weight.T + bias``, slab by slab. The
+    weight's rows are the vocabulary ids ``[vocab_start, vocab_start + V)`` (a shard of a larger vocabulary)."""
+    spec = LossSpec(softcap, label_smoothing, z_loss, stats)
+    rows, vocab = input.shape[0], weight.shape[0]
+    parts = []
+    for lo, hi in _slabs(rows, vocab, 4):
+        logits = _slab_logits(input, weight, bias, lo, hi)
+        parts.append(run_shard_stats(logits, targets.unsqueeze(0), vocab_start + lo, ignore_index, backend, spec))
+    if not parts:
+        return torch.zeros((rows, _stats.STATS_FIELDS), dtype=torch.float32, device=input.device)
+    return _stats.merge(torch.stack(parts))[0]
+
+
+linear_stats = torch.library.custom_op("fastce::linear_stats", linear_stats_impl, mutates_args=())
+
+
+@linear_stats.register_fake
+def _(input, weight, bias, targets, ignore_index, backend, softcap=0.0, label_smoothing=0.0, z_loss=0.0, stats=False,
+      vocab_start=0):
+    return input.new_empty((input.shape[0], _stats.STATS_FIELDS), dtype=torch.float32)
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32: accumulated in float32 whatever the operands' dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b.float())
+    elif _mixed_mm_supported(a.device):
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row: Tensor,
+                      ignore_index: int, backend: str, need_input: bool, need_weight: bool, need_bias: bool,
+                      softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0, vocab_start: int = 0,
+                      vocab_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (input, weight, bias; an empty tensor for each not needed) of ``sum_n scale_n * loss_n`` given
+    each row's merged ``(m, s, scale)`` in ``row`` ``[N, 3]``. For a shard of a larger vocabulary: the weight's rows
+    are the ids ``[vocab_start, vocab_start + V)`` of ``vocab_size`` in all (0: the weight's V); ``grad_input`` is
+    then this shard's part of the sum."""
+    spec = LossSpec(softcap, label_smoothing, z_loss)
+    rows, vocab = input.shape[0], weight.shape[0]
+    total = vocab_size or vocab
+    acc = torch.zeros(input.shape, dtype=torch.float32, device=input.device) if need_input else None
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
+    row3 = row.unsqueeze(0).contiguous()
+    targets3 = targets.unsqueeze(0)
+    in_place = weight.dtype == torch.float32
+    casts = getattr(kernels(backend), "SHARD_GRAD_CASTS", True)  # else: the epilogue in place, then a cast
+    buffer = None
+    for lo, hi in _slabs(rows, vocab, 4 + (0 if in_place else weight.element_size())):
+        logits = _slab_logits(input, weight, bias, lo, hi)
+        if in_place:
+            grad = logits
+        else:  # the gradient in the weight's dtype, for the GEMMs; one buffer for every slab
+            if buffer is None:
+                buffer = torch.empty(logits.numel(), dtype=weight.dtype, device=logits.device)
+            grad = buffer[:logits.numel()].view(logits.shape)
+        if in_place or casts:
+            run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, grad, backend, spec)
+        else:
+            run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, logits, backend, spec)
+            grad.copy_(logits)
+        del logits
+        dlogits = grad[0]
+        if need_weight:
+            torch.mm(dlogits.t(), input, out=grad_weight[lo:hi])
+        if need_bias:
+            grad_bias[lo:hi] = dlogits.sum(0, dtype=torch.float32)
+        if need_input:
+            _accumulate_mm(acc, dlogits, weight[lo:hi])
+    grad_input = acc.to(input.dtype) if need_input else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+linear_grads = torch.library.custom_op("fastce::linear_grads", linear_grads_impl, mutates_args=())
+
+
+@linear_grads.register_fake
+def _(input, weight, bias, targets, row, ignore_index, backend, need_input, need_weight, need_bias, softcap=0.0,
+      label_smoothing=0.0, z_loss=0.0, vocab_start=0, vocab_size=0):
+    return (torch.empty_like(input) if need_input else input.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_bias else weight.new_empty(0))
+
+
+def _op(op, impl):
+    return op if torch.compiler.is_compiling() else impl
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``(loss, row_stats)`` of ``input @ weight.T + bias`` against ``targets``: ``sum(row losses) / divisor``
+    (``reduce``) or the float32 row losses, and the ``[N, 3]`` (lse, entropy, correct) of ``spec.stats``."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, targets, divisor, ignore_index, reduce, backend, spec):
+        merged = _op(linear_stats, linear_stats_impl)(input, weight, bias, targets, ignore_index, backend,
+                                                      spec.softcap, spec.label_smoothing, spec.z_loss, spec.stats)
+        losses, row_stats = _stats.finish(merged, targets, weight.shape[0], ignore_index, spec)
+        if row_stats is None:
+            row_stats = losses.new_empty(0)
+        ctx.save_for_backward(input, weight, bias, targets, merged[:, :2], divisor)
+        ctx.config = (ignore_index, reduce, backend, spec)
+        ctx.mark_non_differentiable(row_stats)
+        return (_sum_over(losses, divisor) if reduce else losses), row_stats
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_row_stats):
+        input, weight, bias, targets, m_s, divisor = ctx.saved_tensors
+        ignore_index, reduce, backend, spec = ctx.config
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_input or need_weight or need_bias):
+            return (None,) * 9
+        if reduce:
+            scale = (grad_output.double() / torch.where(divisor == 0, float("nan"), divisor)).float()
+            scale = scale.expand(input.shape[0])
+        else:
+            scale = grad_output.float()
+        row = torch.cat((m_s, scale.unsqueeze(-1)), dim=-1)
+        grads = _op(linear_grads, linear_grads_impl)(
+            input, weight, bias, targets, row, ignore_index, backend, need_input, need_weight,
+            bool(need_bias and bias is not None), spec.softcap, spec.label_smoothing, spec.z_loss)
+        grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
