@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -434,11 +434,17 @@ def build_impls(fastce, device: torch.device, impl_filter: list[str] | None, mod
             return not explicit_only
         return any(name == token or (not explicit_only and name.startswith(token + "-")) for token in impl_filter)
 
-    backends = list(fastce.available_backends()) if fastce is not None else []
+    backends = []
     if fastce is None:
         skipped["fastce"] = "fastce is not importable"
-    if not on_gpu:
-        backends = [b for b in backends if b == "torch"]
+    for backend in fastce.backends.BACKENDS if fastce is not None else ():
+        reason = fastce.unavailable_reason(backend)
+        if not on_gpu and backend != "torch":  # its kernels want CUDA tensors (Triton's interpreter: too slow here)
+            reason = "the suite runs it on a CUDA device only" + (f"; fastce: {reason}" if reason else "")
+        if reason is None:
+            backends.append(backend)
+        elif wanted(f"fastce-{backend}"):
+            skipped[f"fastce-{backend}"] = reason
     for backend in backends:
         name = f"fastce-{backend}"
         if wanted(name):
@@ -767,6 +773,46 @@ def _version(module_name: str) -> str | None:
     return str(version)
 
 
+IMPL_NAMES = ("fastce-triton", "fastce-cuda", "fastce-torch", "hf-eager", "hf-compile", "torch-f32", "liger", "quack")
+
+
+def usage_error(message: str) -> NoReturn:
+    """A mistake on the command line or a request this machine cannot serve: one line on stderr, exit code 2."""
+    print(f"{Path(__file__).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_device(text: str) -> torch.device:
+    """``--device`` as a torch device; a usage error if it is not one, or names a CUDA device that is not here."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        usage_error(f"--device {text}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device here"
+            usage_error(f"--device {text}: {why} (torch {torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            usage_error(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        usage_error(f"--device {text}: the suite runs on cpu or cuda")
+    return device
+
+
+def nothing_to_run(device: torch.device, impl_filter: list[str] | None, mode_filter: list[str] | None,
+                   skipped: dict[str, str]) -> str:
+    """Why ``build_impls`` found nothing to measure: what was asked for, and why each part of it cannot run."""
+    asked = f"--impls {','.join(impl_filter)}" if impl_filter else "the default implementations"
+    if mode_filter:
+        asked += f" in --modes {','.join(mode_filter)}"
+    reasons = [f"{name}: {reason}" for name, reason in skipped.items()]
+    if not reasons:
+        reasons.append("none of them has a mode in --modes" if mode_filter else "nothing matched")
+    return f"nothing to measure on {device} for {asked}. " + "; ".join(reasons)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -798,8 +844,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Run the suite; returns the path of the JSON results."""
     args = parse_args(argv)
     started = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     on_gpu = device.type == "cuda"
@@ -811,7 +856,11 @@ def main(argv: list[str] | None = None) -> Path:
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None  # noqa: E731
     mode_filter = split(args.modes)
     if mode_filter and set(mode_filter) - set(MODES):
-        raise SystemExit(f"--modes: unknown {sorted(set(mode_filter) - set(MODES))}; choose from {MODES}")
+        usage_error(f"--modes: unknown {sorted(set(mode_filter) - set(MODES))}; choose from {MODES}")
+    unknown = [token for token in split(args.impls) or []
+               if not any(name == token or name.startswith(token + "-") for name in IMPL_NAMES)]
+    if unknown:
+        usage_error(f"--impls: unknown {unknown}; use names or prefixes of {', '.join(IMPL_NAMES)}")
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
@@ -821,6 +870,8 @@ def main(argv: list[str] | None = None) -> Path:
     if fastce is not None and not args.no_check:
         from fastce.reference import causal_lm_loss_reference as reference_fn
     impls, skipped = build_impls(fastce, device, split(args.impls), mode_filter, validate=not args.no_validate)
+    if not impls:
+        usage_error(nothing_to_run(device, split(args.impls), mode_filter, skipped))
     slug = args.slug or device_slug(device)
 
     log(f"device {device_name(device)} ({device}), logits {dtype}, {len(shapes)} shapes, {reps} reps, "

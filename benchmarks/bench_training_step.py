@@ -1,0 +1,151 @@
+"""One training step of a Llama-shaped model, with the loss of stock transformers, fastce, fastce's fused lm_head and
+Liger's fused linear cross-entropy: time and peak memory.
+
+    python benchmarks/bench_training_step.py                 # every mode, each in its own process
+    python benchmarks/bench_training_step.py --mode fused    # one mode
+
+The model (random weights, bf16, ``attn_implementation="sdpa"``): 8 layers, hidden 2048, intermediate 5632, 16 heads
+(8 KV heads), vocabulary 128256 (Llama 3's); a batch of 4 x 2048 random tokens whose labels are the inputs; AdamW
+(``fused=True`` on a GPU). A step is forward (with the loss), backward, optimizer step and ``zero_grad``. Reported:
+the median step time over ``--steps`` steps after ``--warmup`` steps, and the peak memory of a step above what is
+allocated before it (weights and optimizer states), with the loss of the first step (the modes must agree).
+
+Modes: ``stock`` (transformers' ``ForCausalLMLoss``), ``fastce`` (``fastce.patch_model(model)``: the logits kernel),
+``fused`` (``fastce.patch_model(model, fuse_lm_head=True)``: the logits are never held), ``liger``
+(``liger_kernel``'s ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with its other kernels off, so
+that only the loss differs). Results: ``<out>/<slug>-training-step.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = ("stock", "fastce", "fused", "liger")
+GiB = 1 << 30
+
+
+def build(mode: str, device, vocab: int, layers: int, hidden: int):
+    import transformers
+
+    if mode == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda"
+                                                     else torch.float32)
+    if mode in ("fastce", "fused"):
+        import fastce
+
+        fastce.patch_model(model, fuse_lm_head=mode == "fused")
+    return model.train()
+
+
+def run(mode: str, args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(mode, device, args.vocab, args.layers, args.hidden)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(1)
+    input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device, generator=generator)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    first_loss = float(step())
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = None
+    if device.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / GiB
+    return {"mode": mode, "ms": statistics.median(times), "peak_gib_above_weights_and_optimizer": peak,
+            "first_loss": first_loss}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--slug", default=None)
+    args = parser.parse_args(argv)
+    if args.mode:  # a child: one mode, its result as the last line of output
+        print(json.dumps(run(args.mode, args)))
+        return
+    results = []
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "vocab", "layers", "hidden", "batch", "seq")]
+    for mode in args.modes.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--mode", mode, *passthrough], capture_output=True, text=True)
+        if proc.returncode == 0:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            results.append({"mode": mode, "note": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+        print(results[-1], flush=True)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    slug = args.slug or ("h100" if "H100" in name else "h200" if "H200" in name else "cpu")
+    from importlib.metadata import version
+
+    header = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "torch": torch.__version__, "transformers": version("transformers"),
+              "model": f"Llama, {args.layers} layers x hidden {args.hidden}, vocab {args.vocab}, bf16",
+              "batch": f"{args.batch} x {args.seq} tokens"}
+    try:
+        header["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        header["liger_kernel"] = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{slug}-training-step.json").write_text(json.dumps({"header": header, "rows": results}, indent=1))
+    lines = [f"# One training step: {header['model']}, {header['batch']}, AdamW", "",
+             f"{name}, {header['date']}, torch {header['torch']}, transformers {header['transformers']}, "
+             f"liger-kernel {header['liger_kernel']}. `python benchmarks/bench_training_step.py`", "",
+             "| loss | step ms (median) | peak GiB above weights + optimizer | first loss | note |", "|---|---:|---:|---:|---|"]
+    for r in results:
+        peak = r.get("peak_gib_above_weights_and_optimizer")
+        lines.append(f"| {r['mode']} | {r.get('ms', float('nan')):.1f} | {'–' if peak is None else f'{peak:.2f}'} | "
+                     f"{r.get('first_loss', float('nan')):.6f} | {r.get('note', '')} |")
+    (args.out / f"{slug}-training-step.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
