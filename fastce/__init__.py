@@ -5,7 +5,8 @@ gradient produced in the same pass; ``patch_transformers()`` makes every causal 
 """
 from .backends import available_backends, unavailable_reason
 from .linear_loss import causal_lm_linear_loss, linear_cross_entropy
-from .loss import LossOutput, causal_lm_loss, cross_entropy
+from .api import LossOutput
+from .loss import causal_lm_loss, cross_entropy
 
 __version__ = "0.1.0"
 

@@ -67,8 +67,7 @@ from .distributed_linear import causal_lm_linear_loss, linear_cross_entropy
 from .distributed_meta import (Call, Shard, call_facts, checked_group, comm_device, is_dtensor, merged_stats,
                                row_scale, run_checks, shard_of)
 from .function import _sum_over
-from .loss import check_integer, divisor_of, make_output, reduction_divisor, shift_targets
-from .ops import LOGIT_DTYPES
+from .api import as_rows, check_integer, divisor_of, make_output, reduction_divisor, shift_targets
 from .shard_ops import run_shard_grad, run_shard_stats
 from .spec import PLAIN, LossSpec
 from .stats import STATS_FIELDS, finish
@@ -114,27 +113,11 @@ def _group_of(logits, process_group):
 # --- logits shards --------------------------------------------------------------------------------------------------
 
 def _logits_rows(logits, targets, name: str):
-    """``loss._as_rows`` for a shard: ``[B, T, Vs]`` logits (``Vs`` may be 0) and ``[B, T]`` targets, as views."""
-    if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError(f"logits and {name} must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
-    check_integer(targets, name)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, Vs] or [N, Vs] (this rank's vocabulary shard), got "
-                         f"{tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} {tuple(targets.shape)} do not match logits {tuple(logits.shape)} "
-                         f"(expected {tuple(logits.shape[:-1])})")
-    if logits.shape[-1] == 1 and logits.stride(-1) != 1:  # one column: any stride is a unit stride
-        logits = logits.as_strided(logits.shape, (*logits.stride()[:-1], 1))
+    """``api.as_rows`` for a shard: ``[B, T, Vs]`` logits (``Vs`` may be 0) and ``[B, T]`` targets, as views."""
+    logits, targets = as_rows(logits, targets, name, shard=True)
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         raise ValueError(f"logits must have unit stride over the vocabulary, got strides {logits.stride()}")
-    if logits.dim() == 2:
-        logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
-    if targets.dtype not in (torch.int32, torch.int64):
-        targets = targets.long()
-    return logits, targets.to(logits.device)
+    return logits, targets
 
 
 def _check_logits(logits, targets, name, vocab_size, num_items_in_batch, ignore_index, reduction, backend, spec):

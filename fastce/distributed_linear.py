@@ -15,8 +15,7 @@ from .backends import resolve_backend
 from .distributed_meta import Call, Shard, call_facts, checked_group, merged_stats, row_scale, run_checks, shard_of
 from .function import _sum_over
 from .linear import linear_grads, linear_grads_impl, linear_stats, linear_stats_impl
-from .linear_loss import check_linear
-from .loss import divisor_of, make_output, reduction_divisor
+from .api import check_linear, divisor_of, make_output, reduction_divisor
 from .spec import PLAIN, LossSpec
 from .stats import finish
 

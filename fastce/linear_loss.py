@@ -6,40 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .api import check_linear, divisor_of, make_output, reduction_divisor, shift_targets
 from .backends import resolve_backend
 from .function import _sum_over
 from .linear import LinearCrossEntropyFunction, linear_stats_impl
-from .loss import check_integer, divisor_of, make_output, reduction_divisor, shift_targets
-from .ops import LOGIT_DTYPES
 from .spec import LossSpec, make_spec
 from .stats import finish
 from .validation import start_validation
-
-
-def check_linear(input: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, name: str) -> None:
-    """Clear errors for the shapes, dtypes and devices of the fused-linear ops' arguments."""
-    for label, t in (("input", input), ("weight", weight), (name, targets)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
-    if input.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"input must be float16, bfloat16 or float32, got {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight ({weight.dtype}) and input ({input.dtype}) must have the same dtype")
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"weight must be [V, D] with V >= 1, got {tuple(weight.shape)}")
-    if input.dim() not in (2, 3) or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input must be [N, D] or [B, T, D] with D = {weight.shape[1]} (the weight's), got "
-                         f"{tuple(input.shape)}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor of the weight's dtype {weight.dtype}, got "
-                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
-    check_integer(targets, name)
-    if targets.shape != input.shape[:-1]:
-        raise ValueError(f"{name} {tuple(targets.shape)} do not match input {tuple(input.shape)} (expected "
-                         f"{tuple(input.shape[:-1])})")
-    devices = {t.device for t in (input, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"input, weight and bias must share a device, got {sorted(map(str, devices))}")
 
 
 def fused_linear_loss(input2d: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: Tensor,

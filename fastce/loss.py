@@ -1,105 +1,15 @@
 """The loss API: shifting, normalisation by ``num_items_in_batch`` and argument checking; kernels stay unaware."""
 from __future__ import annotations
 
-import math
-import numbers
-from typing import NamedTuple
-
-import torch
 from torch import Tensor
 
+from .api import LossOutput, as_rows, divisor_of, make_output, reduction_divisor, shift_targets
 from .backends import resolve_backend
-from .function import _sum_over, fused_cross_entropy
-from .ops import LOGIT_DTYPES
-from .spec import LossSpec, make_spec
 from .distributed_meta import is_dtensor
+from .function import fused_cross_entropy
+from .spec import make_spec
 
-
-def _as_rows(logits: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    """``logits`` as ``[B, T, V]`` and ``targets`` as ``[B, T]``, as views (never copies of the logits)."""
-    if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError(f"logits and {name} must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
-    check_integer(targets, name)
-    if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
-        raise ValueError(f"logits must be [B, T, V] or [N, V] with V >= 1, got {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} {tuple(targets.shape)} do not match logits {tuple(logits.shape)} (expected {tuple(logits.shape[:-1])})")
-    if logits.dim() == 2:
-        logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
-    if targets.dtype not in (torch.int32, torch.int64):
-        targets = targets.long()
-    return logits, targets.to(logits.device)
-
-
-def check_integer(targets: Tensor, name: str) -> None:
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
-
-
-def divisor_of(num_items_in_batch, targets: Tensor, ignore_index: int) -> Tensor:
-    """0-dim float64 on the targets' device, built without reading anything back to the host.
-
-    The rule (README, "Semantics"): a count > 0 divides; a count of 0 gives 0 when every target is ignored, else
-    NaN (the count contradicts the targets; the gradient of those rows is NaN too: see ``_sum_over`` and the
-    kernels). A negative or NaN count is an error: a Python number raises here, a tensor becomes NaN here and raises
-    at the label check (``validate=True``), where the host waits anyway.
-    """
-    device = targets.device
-    if num_items_in_batch is None:
-        return (targets != ignore_index).sum().to(torch.float64)
-    if isinstance(num_items_in_batch, Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
-        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
-            raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
-        count = num_items_in_batch.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
-        return torch.where(count >= 0, count, torch.full_like(count, float("nan")))  # NaN stays NaN
-    if isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
-        if not (num_items_in_batch >= 0 and math.isfinite(num_items_in_batch)):  # also NaN
-            raise ValueError(f"num_items_in_batch must be a finite count >= 0, got {num_items_in_batch}")
-        return torch.full((), float(num_items_in_batch), dtype=torch.float64, device=device)
-    raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got {type(num_items_in_batch).__name__}")
-
-
-def shift_targets(labels: Tensor, ignore_index: int) -> Tensor:
-    """The targets of positions ``[..., t]``: ``labels[..., t + 1]``, ``ignore_index`` at the last position. Index
-    arithmetic on the labels (O(B*T) integers): the logits or hidden states are never shifted or copied."""
-    if labels.dim() == 0:
-        raise ValueError("labels must have a sequence dimension")
-    targets = torch.full_like(labels, ignore_index)
-    targets[..., :-1] = labels[..., 1:]
-    return targets
-
-
-class LossOutput(NamedTuple):
-    """What ``return_stats=True`` returns: the loss and, without a second pass over the logits, statistics of each
-    row (position) of the loss's input. Per-row tensors have the rows' shape (``[B, T]`` or ``[N]``), are detached,
-    and are 0 (``False``) on rows whose target is ignored.
-
-    loss:     the loss, exactly as without ``return_stats`` (differentiable).
-    z_loss:   the z-loss term alone (``z_loss * lse**2``, reduced and normalised like the loss; per row for
-              ``reduction="none"``), for logging; 0 when ``z_loss=0``.
-    lse:      float32 log-sum-exp of each row's (capped) logits.
-    entropy:  float32 entropy of each row's predicted distribution, ``-sum_j p_j log p_j``.
-    accuracy: bool, whether the target is an argmax of its row (ties count as correct); ``accuracy[mask].float()
-              .mean()`` is the token accuracy.
-    """
-
-    loss: Tensor
-    z_loss: Tensor
-    lse: Tensor
-    entropy: Tensor
-    accuracy: Tensor
-
-
-def make_output(loss: Tensor, row_stats: Tensor, divisor: Tensor, reduce: bool, spec: LossSpec, shape) -> LossOutput:
-    """``LossOutput`` from the kernels' ``[..., 3]`` (lse, entropy, correct) rows."""
-    lse, entropy, correct = row_stats.reshape(*shape, 3).unbind(-1)
-    z_rows = spec.z_loss * lse.double().square()
-    z_term = _sum_over(z_rows, divisor) if reduce else z_rows.float()
-    return LossOutput(loss, z_term.detach(), lse.detach(), entropy.detach(), correct.detach() != 0)
+__all__ = ["LossOutput", "causal_lm_loss", "cross_entropy"]
 
 
 def causal_lm_loss(
@@ -179,7 +89,7 @@ def causal_lm_loss(
         targets, name = shift_targets(labels, ignore_index), "labels"
     else:
         targets, name = shift_labels, "shift_labels"
-    logits3d, targets = _as_rows(logits, targets, name)
+    logits3d, targets = as_rows(logits, targets, name)
     backend = resolve_backend(backend, logits3d)
     divisor = divisor_of(num_items_in_batch, targets, ignore_index)
     loss, row_stats = fused_cross_entropy(
@@ -218,7 +128,7 @@ def cross_entropy(
 
         return distributed.cross_entropy(logits, target, ignore_index, reduction, process_group=process_group,
                                          backend=backend, validate=validate, spec=spec)
-    logits3d, targets = _as_rows(logits, target, "target")
+    logits3d, targets = as_rows(logits, target, "target")
     backend = resolve_backend(backend, logits3d)
     divisor = reduction_divisor(reduction, targets, ignore_index)
     out, row_stats = fused_cross_entropy(
@@ -227,9 +137,3 @@ def cross_entropy(
     )
     out = out.reshape(target.shape) if reduction == "none" else out
     return make_output(out, row_stats, divisor, reduction != "none", spec, target.shape) if return_stats else out
-
-
-def reduction_divisor(reduction: str, targets: Tensor, ignore_index: int) -> Tensor:
-    if reduction == "mean":
-        return divisor_of(None, targets, ignore_index)
-    return torch.ones((), dtype=torch.float64, device=targets.device)

@@ -223,3 +223,42 @@ def test_trainer_loss_fused_and_unfused_equal_stock():
         assert abs(loss.item() - stock_out.loss.item()) <= 1e-6 * stock_out.loss.item()
         _assert_grads_equal({n: p.grad for n, p in model.named_parameters()}, stock_grads)
         unpatch_model(model)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["logits", "fused-head"])
+def test_options_through_the_patch_match_float64(fuse):
+    """Loss options given to the patch: the loss and gradients of a model equal the float64 loss of its logits."""
+    from fastce.reference import causal_lm_loss_reference
+
+    options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+    model = _model("llama")
+    batch = _batch()
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = causal_lm_loss_reference(logits, batch["labels"], **options)  # float64 from the fp32 logits
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    patch_model(model, fuse_lm_head=fuse, **options)
+    out, grads = _step(model, batch)
+    assert isinstance(out.logits, LazyLogits) == fuse
+    assert abs(out.loss.item() - reference.item()) <= 1e-6 * reference.item()
+    _assert_grads_equal(grads, expected)
+
+
+def test_peft_lora_model_is_fused_and_a_lora_head_is_refused(linear_options):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    batch = _batch()
+    stock = peft.get_peft_model(_model("llama"), config)
+    expected, expected_grads = _step(stock, batch)
+    model = peft.get_peft_model(_model("llama"), config)
+    patch_model(model, fuse_lm_head=True)
+    out, grads = _step(model, batch)
+    assert len(linear_options) == 1 and isinstance(out.logits, LazyLogits)
+    assert abs(out.loss.item() - expected.loss.item()) <= 1e-6 * expected.loss.item()
+    _assert_grads_equal(grads, expected_grads)  # the LoRA weights' gradients (the base model is frozen)
+    unpatch_model(model)
+    assert not isinstance(model(**batch).logits, LazyLogits)
+    on_head = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        patch_model(on_head, fuse_lm_head=True)
