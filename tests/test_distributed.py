@@ -404,7 +404,9 @@ def dtensor_logits(rank, world):
         checks.run(f"{placement} loss", assert_loss_close, loss, ref.detach())
         checks.run(f"{placement} grad is a DTensor", _assert, type(logits.grad).__name__ == "DTensor",
                    type(logits.grad).__name__)
-        checks.run(f"{placement} grad", _grad_close, logits.grad.to_local(), ref_logits.grad[..., lo:hi], 2)
+        # torch 2.11 hands an unevenly sharded DTensor leaf its gradient replicated (2.14: sharded); both are the
+        # same DTensor, so compare the whole of it.
+        checks.run(f"{placement} grad", _grad_close, logits.grad.full_tensor(), ref_logits.grad, 2)
     # cross_entropy of [N, V] DTensor logits, per-row losses
     full = random_logits((9, V), torch.float32, "cpu")
     target = torch.randint(0, V, (9,))
@@ -415,7 +417,7 @@ def dtensor_logits(rank, world):
     ref_rows = cross_entropy_reference(ref_logits, target)
     ref_rows.sum().backward()
     checks.run("cross_entropy rows", torch.testing.assert_close, rows.double(), ref_rows.detach(), rtol=1e-6, atol=1e-6)
-    checks.run("cross_entropy grad", _grad_close, logits.grad.to_local(), ref_logits.grad[..., lo:hi], 2)
+    checks.run("cross_entropy grad", _grad_close, logits.grad.full_tensor(), ref_logits.grad, 2)
     # A ColwiseParallel lm_head with DTensor output, as torchtitan feeds loss_parallel.
     D = 16
     head = torch.nn.Linear(D, V, bias=False)
