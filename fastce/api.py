@@ -135,3 +135,21 @@ def make_output(loss: Tensor, row_stats: Tensor, divisor: Tensor, reduce: bool, 
     z_rows = spec.z_loss * lse.double().square()
     z_term = _sum_over(z_rows, divisor) if reduce else z_rows.float()
     return LossOutput(loss, z_term.detach(), lse.detach(), entropy.detach(), correct.detach() != 0)
+
+
+def kept_rows(targets: Tensor, ignore_index: int) -> Tensor | None:
+    """Indices of the rows whose target is not ignored, or None when every row is kept (no gather needed). Reads a
+    count back to the host: only where the host waits anyway (the label check)."""
+    kept = (targets != ignore_index).nonzero().squeeze(-1)
+    return None if kept.numel() == targets.numel() else kept
+
+
+def to_every_row(out: Tensor, row_stats: Tensor, kept: Tensor | None, rows: int, reduce: bool, spec: LossSpec):
+    """``(out, row_stats)`` of the kept rows back on every row (ignored rows 0), where they are per row."""
+    if kept is not None:
+        if not reduce:
+            out = out.new_zeros(rows).index_copy(0, kept, out)
+        if spec.stats:
+            row_stats = row_stats.new_zeros((rows, 3)).index_copy(0, kept, row_stats)
+    return out, row_stats
+

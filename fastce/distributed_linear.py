@@ -15,7 +15,7 @@ from .backends import resolve_backend
 from .distributed_meta import Call, Shard, call_facts, checked_group, merged_stats, row_scale, run_checks, shard_of
 from .function import _sum_over
 from .linear import linear_grads, linear_grads_impl, linear_stats, linear_stats_impl
-from .api import check_linear, divisor_of, make_output, reduction_divisor
+from .api import check_linear, divisor_of, kept_rows, make_output, reduction_divisor, to_every_row
 from .spec import PLAIN, LossSpec
 from .stats import finish
 
@@ -91,10 +91,7 @@ def _sharded_loss(call: Call, shard: Shard, reduce: bool, validate: bool, spec: 
     """As ``linear_loss.fused_linear_loss``: with ``validate=True`` ignored rows are left out of the GEMMs (read on
     the host, which waited for the metadata anyway; the same rows on every rank: the targets were compared)."""
     input2d, targets = call.input, call.targets
-    kept = None
-    if validate:
-        kept = (targets != call.ignore_index).nonzero().squeeze(-1)
-        kept = None if kept.numel() == targets.numel() else kept
+    kept = kept_rows(targets, call.ignore_index) if validate else None
     rows_input, rows_targets = (input2d, targets) if kept is None else (input2d[kept], targets[kept])
     args = (rows_input, call.weight, call.bias, rows_targets, call.divisor, call.ignore_index, reduce, call.backend,
             spec, shard)
@@ -103,12 +100,7 @@ def _sharded_loss(call: Call, shard: Shard, reduce: bool, validate: bool, spec: 
     else:
         with torch.no_grad():
             out, row_stats, _ = _loss_of_shard(*args)
-    if kept is not None:  # back to every row: ignored ones are 0
-        if not reduce:
-            out = out.new_zeros(targets.shape).index_copy(0, kept, out)
-        if spec.stats:
-            row_stats = row_stats.new_zeros((targets.numel(), 3)).index_copy(0, kept, row_stats)
-    return out, row_stats
+    return to_every_row(out, row_stats, kept, targets.numel(), reduce, spec)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean", *,

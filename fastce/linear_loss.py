@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .api import check_linear, divisor_of, make_output, reduction_divisor, shift_targets
+from .api import (check_linear, divisor_of, kept_rows, make_output, reduction_divisor, shift_targets,
+                  to_every_row)
 from .backends import resolve_backend
 from .function import _sum_over
 from .linear import LinearCrossEntropyFunction, linear_stats_impl
@@ -30,11 +31,9 @@ def fused_linear_loss(input2d: Tensor, weight: Tensor, bias: Tensor | None, targ
     kept = None
     if validate and not torch.compiler.is_compiling():
         pending = start_validation(True, targets, vocab, ignore_index, divisor)
-        kept = (targets != ignore_index).nonzero().squeeze(-1)  # waits for the GPU: the check's answer is in too
+        kept = kept_rows(targets, ignore_index)  # waits for the GPU: the check's answer is in too
         if pending is not None:
             pending.check()
-        if kept.numel() == targets.numel():
-            kept = None  # nothing to skip: no copy
     rows_input, rows_targets = (input2d, targets) if kept is None else (input2d[kept], targets[kept])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input2d, weight, bias))
     if needs_grad:
@@ -46,12 +45,7 @@ def fused_linear_loss(input2d: Tensor, weight: Tensor, bias: Tensor | None, targ
                                    spec.z_loss, spec.stats)
         losses, row_stats = finish(merged, rows_targets, vocab, ignore_index, spec)
         out = _sum_over(losses, divisor) if reduce else losses
-    if kept is not None:  # back to every row: ignored ones are 0
-        if not reduce:
-            out = out.new_zeros(targets.shape).index_copy(0, kept, out)
-        if spec.stats:
-            row_stats = row_stats.new_zeros((targets.numel(), 3)).index_copy(0, kept, row_stats)
-    return out, row_stats
+    return to_every_row(out, row_stats, kept, targets.numel(), reduce, spec)
 
 
 def linear_cross_entropy(
