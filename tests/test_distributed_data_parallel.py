@@ -15,7 +15,7 @@ import fastce.distributed
 from distributed_helpers import launch, scenario, scenario_group, scenario_names
 from fastce.reference import causal_lm_loss_reference
 
-from test_distributed import Checks, _assert, _assert_rel
+from distributed_checks import Checks, _assert, _assert_rel
 
 WORLDS = (2, 3)
 
