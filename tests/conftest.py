@@ -15,41 +15,35 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Records the num_items_in_batch of each call of ``fastce.loss.causal_lm_loss`` (the transformers integration
-    looks it up at call time), proving that fastce computed a loss and what it was given."""
+def _spy_on(monkeypatch, module, name: str, count_position: int) -> list:
+    """Replace ``module.name`` (a loss the transformers integration looks up at call time) by a wrapper that records
+    the num_items_in_batch of each call (argument ``count_position``, or the keyword), proving that it ran and what
+    it was given."""
     import functools
 
-    import fastce.loss
-
-    real = fastce.loss.causal_lm_loss
+    real = getattr(module, name)
     calls = []
 
     @functools.wraps(real)
-    def causal_lm_loss(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else kwargs.get("num_items_in_batch"))
+    def wrapper(*args, **kwargs):
+        calls.append(args[count_position] if len(args) > count_position else kwargs.get("num_items_in_batch"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastce.loss, "causal_lm_loss", causal_lm_loss)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The calls of ``fastce.loss.causal_lm_loss`` (see ``_spy_on``)."""
+    import fastce.loss
+
+    return _spy_on(monkeypatch, fastce.loss, "causal_lm_loss", 3)
 
 
 @pytest.fixture
 def linear_spy(monkeypatch):
-    """Records the num_items_in_batch of each call of ``fastce.linear_loss.causal_lm_linear_loss`` (the fused
-    lm_head's loss; the transformers integration looks it up at call time)."""
-    import functools
-
+    """The calls of ``fastce.linear_loss.causal_lm_linear_loss``, the fused lm_head's loss (see ``_spy_on``)."""
     import fastce.linear_loss
 
-    real = fastce.linear_loss.causal_lm_linear_loss
-    calls = []
-
-    @functools.wraps(real)
-    def causal_lm_linear_loss(*args, **kwargs):
-        calls.append(args[4] if len(args) > 4 else kwargs.get("num_items_in_batch"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastce.linear_loss, "causal_lm_linear_loss", causal_lm_linear_loss)
-    return calls
+    return _spy_on(monkeypatch, fastce.linear_loss, "causal_lm_linear_loss", 4)

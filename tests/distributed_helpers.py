@@ -41,6 +41,27 @@ def scenario_names(module: str, world: int) -> list[str]:
     return [name for name, worlds, _ in _SCENARIOS.get(mod.__name__, []) if world in worlds]
 
 
+def scenario_tests(module: str, worlds, prefix: str = "world"):
+    """The pytest side of a scenario module: ``(pytest_generate_tests, test_scenario)``, to bind at module level.
+    One launch per world size (cached), one test per scenario that reads its result."""
+    import pytest
+
+    results: dict = {}
+
+    def pytest_generate_tests(metafunc):  # after the module (and so every scenario) is loaded
+        if metafunc.function is test_scenario:
+            metafunc.parametrize("world, name", [pytest.param(world, name, id=f"{name}-world{world}")
+                                                 for world in worlds for name in scenario_names(module, world)])
+
+    def test_scenario(world, name, tmp_path_factory):
+        if world not in results:
+            results[world] = launch(module, world, tmp_path_factory.mktemp(f"{prefix}{world}"))
+        failure = results[world][name]
+        assert failure is None, failure
+
+    return pytest_generate_tests, test_scenario
+
+
 _GROUP = None
 
 

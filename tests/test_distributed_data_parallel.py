@@ -12,31 +12,14 @@ import torch
 
 import fastce
 import fastce.distributed
-from distributed_helpers import launch, scenario, scenario_group, scenario_names
+from distributed_helpers import scenario, scenario_group, scenario_tests
 from fastce.reference import causal_lm_loss_reference
 
 from distributed_checks import Checks, _assert, _assert_rel
 
 WORLDS = (2, 3)
 
-_RESULTS: dict = {}
-
-
-def _results(world: int, tmp_path_factory) -> dict:
-    if world not in _RESULTS:
-        _RESULTS[world] = launch(__name__, world, tmp_path_factory.mktemp(f"dp-world{world}"))
-    return _RESULTS[world]
-
-
-def pytest_generate_tests(metafunc):
-    if metafunc.function is test_scenario:
-        metafunc.parametrize("world, name", [pytest.param(world, name, id=f"{name}-world{world}")
-                                             for world in WORLDS for name in scenario_names(__name__, world)])
-
-
-def test_scenario(world, name, tmp_path_factory):
-    failure = _results(world, tmp_path_factory)[name]
-    assert failure is None, failure
+pytest_generate_tests, test_scenario = scenario_tests(__name__, WORLDS, "dp-world")
 
 
 # --- single process ---------------------------------------------------------------------------------------------

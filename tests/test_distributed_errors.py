@@ -8,37 +8,19 @@ read their results.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fastce
 import fastce.distributed
 from distributed_checks import (OPTION_SETS, V, WORLDS, Checks, _assert, _assert_rel, _bounds, _grad_close, _group,
                                 _linear_inputs, _outcome, _reference_options, _shard_sizes, _shifted)
-from distributed_helpers import launch, scenario, scenario_names
+from distributed_helpers import scenario, scenario_tests
 from fastce.reference import causal_lm_loss_reference, cross_entropy_reference, linear_logits_reference
 from helpers import assert_loss_close, gradient_terms, padded_labels, random_logits
 
 # --- the pytest side: one launch per world size, one test per scenario ----------------------------------------
 
-_RESULTS: dict = {}
-
-
-def _results(world: int, tmp_path_factory) -> dict:
-    if world not in _RESULTS:
-        _RESULTS[world] = launch(__name__, world, tmp_path_factory.mktemp(f"errors-world{world}"))
-    return _RESULTS[world]
-
-
-def pytest_generate_tests(metafunc):  # after the module (and so every scenario below) is loaded
-    if metafunc.function is test_scenario:
-        metafunc.parametrize("world, name", [pytest.param(world, name, id=f"{name}-world{world}")
-                                             for world in WORLDS for name in scenario_names(__name__, world)])
-
-
-def test_scenario(world, name, tmp_path_factory):
-    failure = _results(world, tmp_path_factory)[name]
-    assert failure is None, failure
+pytest_generate_tests, test_scenario = scenario_tests(__name__, WORLDS, "errors-world")
 
 
 # --- errors: the same on every rank, no rank left waiting --------------------------------------------------------
