@@ -58,11 +58,11 @@ __device__ __forceinline__ void store_vec(typename Elem<scalar_t>::Bits* g, int 
 
 // This thread's stats of the vectors it holds: raw[i] is vector first_vec + i * kThreads of a row of `len` elements
 // misaligned by `shift`. Its max first (on the raw words), then the sum of exponentials relative to it: a tree per
-// vector, then over vectors. With options, also the sums of x' and of exp(x' - max)(x' - max), both always taken
+// vector, then over vectors. With options and kSums, also the sums of x' and of exp(x' - max)(x' - max), both taken
 // (a select per element costs less than a branch; write_row keeps those the spec asks for), and with kSoftcap the
 // stats of x' (tanh is increasing, so the max of x' is x' of the max: -inf for a thread that holds none of the
 // row's elements). Elements outside the row are masked out by position, without branches.
-template <typename scalar_t, int kVecs, bool kOptions, bool kSoftcap>
+template <typename scalar_t, int kVecs, bool kOptions, bool kSoftcap, bool kSums>
 __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[kVecs], int first_vec, int shift,
                                                              int len, const Spec& spec) {
   using V = Vec<scalar_t>;
@@ -91,10 +91,12 @@ __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[
           const float capped_x = softcap_of(x, spec).value;
           x = in_row ? capped_x : -INFINITY;
         }
-        sum_x += in_row ? x : 0.f;
         const float d = x - ref;
         const float e = exp2_approx(d * kLog2e);
-        sum_px += e > 0.f ? e * d : 0.f;
+        if constexpr (kSums) {
+          sum_x += in_row ? x : 0.f;
+          sum_px += e > 0.f ? e * d : 0.f;
+        }
         values[j] = e;
       }
     } else {
@@ -213,9 +215,14 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   const float target_logit =
       (rank == 0 && threadIdx.x == 0 && in_range) ? capped<kOptions>(E::to_float(x[column]), p.spec) : NAN;
 
+  // The sums of x' and of exp(x' - max)(x' - max) only where the spec reads them (label smoothing, the entropy): a
+  // test once here, the same for every thread, so that z-loss and softcap alone pay nothing for them per element.
   const auto stats_of_registers = [&](auto softcap) {
-    return register_stats<scalar_t, kVecs, kOptions, decltype(softcap)::value>(raw, first_vec, x_shift, p.vocab,
-                                                                                p.spec);
+    constexpr bool kCap = decltype(softcap)::value;
+    if (kOptions && (p.spec.sum_x || p.spec.sum_px)) {
+      return register_stats<scalar_t, kVecs, kOptions, kCap, true>(raw, first_vec, x_shift, p.vocab, p.spec);
+    }
+    return register_stats<scalar_t, kVecs, kOptions, kCap, false>(raw, first_vec, x_shift, p.vocab, p.spec);
   };
   S stats = block_merge(with_softcap<kOptions>(p.spec, stats_of_registers), warp_stats);
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace fastce {
 
@@ -32,5 +33,23 @@ void shard_grad(const at::Tensor& logits, const at::Tensor& targets, int64_t voc
 
 // grad[b, t] *= grad_output (0-dim, or [B, T]); rows whose factor is exactly 1 are not touched.
 void scale_grad_(const at::Tensor& grad, const at::Tensor& grad_output);
+
+// The eager default path's whole forward (causal_lm.cu): (loss, grad, row_stats, divisor, code, row). The targets are labels[b, t + 1]
+// with shift (ignore_index at t = T - 1), else labels[b, t]. The divisor: count (a device tensor of one number), else
+// count_value, else with count_targets the number of targets that are not ignored; a negative, NaN or infinite one is
+// bad. grad is the gradient / divisor (empty without compute_grad; written into logits with inplace). With validate,
+// the host waits for the label check only: code 0 (good), 1 (a bad target, the first at row b * T + t) or 2 (a bad
+// count); a bad one makes the loss NaN (with inplace and validate, nothing is written). Options as cross_entropy_fwd;
+// with stats, row_stats [B, T, 3] gets (lse, entropy, correct) per row (else it is empty). divisor: 0-dim float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> causal_lm_fwd(
+    const at::Tensor& logits, const at::Tensor& labels, bool shift, int64_t ignore_index,
+    const std::optional<at::Tensor>& count, double count_value, bool count_targets, bool validate, bool compute_grad,
+    bool inplace, bool stats, double softcap, double label_smoothing, double z_loss);
+
+// cross_entropy_fwd's launch for a caller that checked the arguments (causal_lm.cu): raw pointers on the logits'
+// device; target_shift 1 reads row (b, t)'s target at targets[b, t + 1] (ignore_index at t = T - 1).
+void launch_fwd(const at::Tensor& logits, const at::Tensor& targets, int target_shift, const double* divisor,
+                float* losses, const std::optional<at::Tensor>& grad, int64_t ignore_index, const bool* skip,
+                double softcap, double label_smoothing, double z_loss, float* row_stats);
 
 }  // namespace fastce

@@ -177,6 +177,7 @@ struct CrossEntropyParams {
   int64_t seq_len;   // T
   int64_t ignore_index;
   int vocab;  // V: the columns of these logits (a range of the whole row in the shard ops)
+  int target_shift;  // 0, or 1 for the causal shift: row (b, t) takes targets[b, t + 1], ignore_index at t = T - 1
   const bool* skip;  // 0-dim on the device, or nullptr: when it holds true, every kernel returns at once
   // Split path only.
   void* partials;        // [num_rows, num_splits] Stats (StatsX with options)
@@ -202,8 +203,9 @@ __device__ __forceinline__ Row row_coords(int64_t row, int64_t seq_len) {
 
 template <typename target_t>
 __device__ __forceinline__ int64_t read_target(const CrossEntropyParams& p, Row r) {
-  return static_cast<int64_t>(
-      static_cast<const target_t*>(p.targets)[r.b * p.targets_stride_b + r.t * p.targets_stride_t]);
+  const int64_t t = r.t + p.target_shift;
+  if (t >= p.seq_len) return p.ignore_index;
+  return static_cast<int64_t>(static_cast<const target_t*>(p.targets)[r.b * p.targets_stride_b + t * p.targets_stride_t]);
 }
 
 // The target's column among these logits (the shard ops' logits start at column vocab_start of the row).

@@ -33,6 +33,12 @@ TORCH_LIBRARY(fastce_cuda, m) {
       "shard_grad(Tensor logits, Tensor targets, int vocab_start, int vocab_size, int ignore_index, Tensor row, "
       "Tensor(a!) grad, float softcap, float label_smoothing, float z_loss) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // The eager default path's forward in one call (label shift, count, check, kernels, float64 loss): see
+  // cross_entropy.h. Eager only (fastce/direct.py); torch.compile traces the ops above.
+  m.def(
+      "causal_lm_fwd(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
+      "float count_value, bool count_targets, bool validate, bool compute_grad, bool inplace, bool stats=False, "
+      "float softcap=0., float label_smoothing=0., float z_loss=0.) -> (Tensor, Tensor, Tensor, Tensor, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {
@@ -40,4 +46,5 @@ TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {
   m.impl("shard_stats", &fastce::shard_stats);
   m.impl("shard_grad", &fastce::shard_grad);
   m.impl("scale_grad_", &fastce::scale_grad_);
+  m.impl("causal_lm_fwd", &fastce::causal_lm_fwd);
 }

@@ -201,6 +201,21 @@ __device__ __forceinline__ void fold(Stats& stats, float (&x)[N], const Spec&) {
 // temporaries (the streaming kernels fold kUnroll vectors, up to 32 values, per step).
 template <int N>
 __device__ __forceinline__ void fold(StatsX& stats, float (&x)[N], const Spec& spec) {
+  if (spec.softcap == 0.f && !spec.sum_px) {
+    // z-loss and label smoothing alone: (max, sum) of the raw logits as the plain kernels take them (one rescale per
+    // N values, not per 8), and the plain sum of x for label smoothing. A test that is the same for every thread.
+    if (spec.sum_x) {
+      float sum_x = 0.f;
+#pragma unroll
+      for (int k = 0; k < N; ++k) sum_x += x[k];
+      stats.sum_x += sum_x;
+    }
+    Stats plain{stats.max, stats.sum};
+    accumulate(plain, x);
+    stats.max = plain.max;
+    stats.sum = plain.sum;
+    return;
+  }
   constexpr int kPart = N < 8 ? N : 8;
 #pragma unroll
   for (int part = 0; part < N; part += kPart) {

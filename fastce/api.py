@@ -72,24 +72,53 @@ def divisor_of(num_items_in_batch, targets: Tensor, ignore_index: int) -> Tensor
 
     The rule (README, "Semantics"): a count > 0 divides; a count of 0 gives 0 when every target is ignored, else
     NaN (the count contradicts the targets; the gradient of those rows is NaN too: see ``_sum_over`` and the
-    kernels). A negative or NaN count is an error: a Python number raises here, a tensor becomes NaN here and raises
-    at the label check (``validate=True``), where the host waits anyway.
+    kernels). A negative, NaN or infinite count is an error: a Python number raises here, a tensor becomes NaN here
+    and raises at the label check (``validate=True``), where the host waits anyway.
     """
     device = targets.device
     if num_items_in_batch is None:
         return (targets != ignore_index).sum().to(torch.float64)
     if isinstance(num_items_in_batch, Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
-        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
-            raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
-        count = num_items_in_batch.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
-        return torch.where(count >= 0, count, torch.full_like(count, float("nan")))  # NaN stays NaN
+        count = count_tensor(num_items_in_batch).reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
+        return torch.where((count >= 0) & (count < math.inf), count, torch.full_like(count, float("nan")))
+    return torch.full((), count_number(num_items_in_batch), dtype=torch.float64, device=device)
+
+
+def count_tensor(num_items_in_batch: Tensor) -> Tensor:
+    """The count tensor, detached, once its shape and dtype are checked (its value is read on the device)."""
+    if num_items_in_batch.numel() != 1:
+        raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+    if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+        raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
+    return num_items_in_batch.detach()
+
+
+def count_number(num_items_in_batch) -> float:
+    """A count given as a Python number, checked (a negative, NaN or infinite one raises at once)."""
     if isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
         if not (num_items_in_batch >= 0 and math.isfinite(num_items_in_batch)):  # also NaN
             raise ValueError(f"num_items_in_batch must be a finite count >= 0, got {num_items_in_batch}")
-        return torch.full((), float(num_items_in_batch), dtype=torch.float64, device=device)
+        return float(num_items_in_batch)
     raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got {type(num_items_in_batch).__name__}")
+
+
+def direct_count(num_items_in_batch, device) -> tuple:
+    """``(count, count_value, count_targets)``, the divisor as ``fastce_cuda::causal_lm_fwd`` takes it: a tensor on
+    ``device`` read there (None if not one), else a number, else (None given) the count of targets that are not
+    ignored. The checks and the count rule are ``divisor_of``'s; a CPU tensor is read on the host (no
+    synchronisation), and its value obeys the tensor rule."""
+    if num_items_in_batch is None:
+        return None, 0.0, True
+    if isinstance(num_items_in_batch, Tensor):
+        count = count_tensor(num_items_in_batch)
+        if count.device.type == "cpu":
+            return None, float(count), False
+        if count.device != device:
+            count = count.to(device)
+        if count.dtype not in (torch.int64, torch.int32, torch.float32, torch.float64):
+            count = count.double()
+        return count, 0.0, False
+    return None, count_number(num_items_in_batch), False
 
 
 def reduction_divisor(reduction: str, targets: Tensor, ignore_index: int) -> Tensor:

@@ -83,6 +83,23 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     return backend
 
 
+_CUDA_ON_DEVICE: dict = {}  # device index -> (CUDA backend available, cluster path): what resolve_backend asks
+
+
+def takes_cuda(backend: str, logits: torch.Tensor) -> bool:
+    """Whether ``resolve_backend(backend, logits)`` gives "cuda" for these CUDA logits, from a per-device cache (the
+    eager path asks at every call; False where it would raise or pick another backend)."""
+    if backend not in ("auto", "cuda"):
+        return False
+    known = _CUDA_ON_DEVICE.get(logits.device.index)
+    if known is None:
+        known = _CUDA_ON_DEVICE[logits.device.index] = (_cuda_reason() is None, _has_clusters(logits.device))
+    available, clusters = known
+    if not available:
+        return False
+    return backend == "cuda" or clusters or logits.numel() // max(logits.shape[-1], 1) <= _AUTO_CUDA_MAX_ROWS
+
+
 def kernels(backend: str):
     """The module holding ``backend``'s launchers (see ``fastce/kernels/__init__.py``)."""
     if backend == "torch":

@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .spec import PLAIN, LossSpec
+from .validation import raise_answer
 
 
 def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
@@ -78,12 +79,61 @@ class FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _grad_row_stats):
-        if ctx.backward_done:
-            raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        _scale_grad(grad, grad_output, ctx.backend)
-        return grad, None, None, None, None, None, None, None, None
+        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None, None, None
+
+
+def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
+    """The gradient saved by a forward, scaled in place by ``grad_output`` (once: a second backward would scale it
+    again)."""
+    if ctx.backward_done:
+        raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
+    ctx.backward_done = True
+    (grad,) = ctx.saved_tensors
+    _scale_grad(grad, grad_output, ctx.backend)
+    return grad
+
+
+class DirectCrossEntropy(torch.autograd.Function):
+    """The eager CUDA path of a reduced loss: the forward is one op (``ops.launch_causal_lm``: shift, count rule,
+    label check, kernels and the float64 sum), the backward ``FusedCrossEntropy``'s rescale."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, shift, ignore_index, count, count_value, count_targets, inplace, validate, spec):
+        loss, grad, row_stats, divisor, code, row = ops.launch_causal_lm(
+            logits, labels, shift, ignore_index, count, count_value, count_targets, True, inplace, validate, spec)
+        if inplace:
+            torch.autograd.graph.increment_version(logits)  # as in _fwd_inplace
+            grad = logits
+        if code:
+            raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
+                         count if count is not None else count_value)
+        ctx.save_for_backward(grad)
+        ctx.backend = "cuda"
+        ctx.backward_done = False
+        ctx.mark_non_differentiable(row_stats, divisor)
+        return loss, row_stats, divisor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_row_stats, _grad_divisor):
+        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None, None, None, None
+
+
+def direct_cross_entropy(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
+                         count_value: float, count_targets: bool, *, inplace: bool, validate: bool,
+                         spec: LossSpec = PLAIN) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, row_stats, divisor)`` of CUDA ``logits`` ``[B, T, V]`` and ``labels`` ``[B, T]`` on their device,
+    shifted by one position with ``shift``; the divisor as ``api.direct_count`` gives it, returned as a 0-dim float64
+    tensor; ``row_stats`` as ``fused_cross_entropy``'s. Gradient work only when autograd needs it."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return DirectCrossEntropy.apply(logits, labels, shift, ignore_index, count, count_value, count_targets, inplace,
+                                        validate, spec)
+    loss, _, row_stats, divisor, code, row = ops.launch_causal_lm(
+        logits, labels, shift, ignore_index, count, count_value, count_targets, False, False, validate, spec)
+    if code:
+        raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
+                     count if count is not None else count_value)
+    return loss, row_stats, divisor
 
 
 def fused_cross_entropy(

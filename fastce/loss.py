@@ -1,13 +1,30 @@
 """The loss API: shifting, normalisation by ``num_items_in_batch`` and argument checking; kernels stay unaware."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .api import LossOutput, as_rows, divisor_of, make_output, reduction_divisor, shift_targets
-from .backends import resolve_backend
+from .api import LossOutput, as_rows, direct_count, divisor_of, make_output, reduction_divisor, shift_targets
+from .backends import resolve_backend, takes_cuda
 from .distributed_meta import is_dtensor
-from .function import fused_cross_entropy
+from .function import direct_cross_entropy, fused_cross_entropy
+from .ops import LOGIT_DTYPES
 from .spec import make_spec
+
+_DIRECT_TARGETS = (torch.int64, torch.int32)
+DIRECT = True  # False sends every call the general way (benchmarks/profile_host.py measures both)
+
+
+def _direct(logits, targets, backend: str, spec, process_group) -> bool:
+    """Whether the eager one-op CUDA path (``function.direct_cross_entropy``) takes a reduced loss: plain CUDA
+    tensors as the kernels take them, on the CUDA backend, outside torch.compile; the rest goes the general way."""
+    return (
+        DIRECT and process_group is None and not torch.compiler.is_compiling()
+        and type(logits) is Tensor and type(targets) is Tensor and logits.is_cuda
+        and logits.dim() == 3 and targets.dim() == 2 and targets.shape == logits.shape[:2] and logits.shape[2] >= 1
+        and logits.stride(2) == 1 and logits.dtype in LOGIT_DTYPES and targets.dtype in _DIRECT_TARGETS
+        and targets.device == logits.device and takes_cuda(backend, logits)
+    )
 
 __all__ = ["LossOutput", "causal_lm_loss", "cross_entropy"]
 
@@ -76,6 +93,14 @@ def causal_lm_loss(
     spec = make_spec(softcap, label_smoothing, z_loss, return_stats)
     if not isinstance(labels, Tensor) and shift_labels is None:
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    shift = shift_labels is None
+    if _direct(logits, labels if shift else shift_labels, backend, spec, process_group):
+        if vocab_size is not None and vocab_size != logits.shape[-1]:
+            raise ValueError(f"vocab_size={vocab_size} does not match the logits' last dimension {logits.shape[-1]}")
+        loss, row_stats, divisor = direct_cross_entropy(
+            logits, labels if shift else shift_labels, shift, ignore_index,
+            *direct_count(num_items_in_batch, logits.device), inplace=inplace_backward, validate=validate, spec=spec)
+        return make_output(loss, row_stats, divisor, True, spec, logits.shape[:-1]) if return_stats else loss
     if process_group is not None or is_dtensor(logits):
         from . import distributed
 
@@ -123,6 +148,11 @@ def cross_entropy(
     spec = make_spec(softcap, label_smoothing, z_loss, return_stats)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction != "none" and _direct(logits, target, backend, spec, process_group):
+        count = (None, 0.0, True) if reduction == "mean" else (None, 1.0, False)
+        loss, row_stats, divisor = direct_cross_entropy(logits, target, False, ignore_index, *count,
+                                                        inplace=inplace_backward, validate=validate, spec=spec)
+        return make_output(loss, row_stats, divisor, True, spec, target.shape) if return_stats else loss
     if process_group is not None or is_dtensor(logits):
         from . import distributed
 

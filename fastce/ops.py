@@ -130,6 +130,18 @@ def _(logits, targets, divisor, ignore_index, validate, backend, softcap=0.0, la
     return logits.new_empty(logits.shape[:-1], dtype=torch.float32), _new_row_stats(logits, LossSpec(stats=stats))
 
 
+def launch_causal_lm(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
+                     count_value: float, count_targets: bool, compute_grad: bool, inplace: bool, validate: bool,
+                     spec: LossSpec = PLAIN):
+    """The eager CUDA path's whole forward as one op: ``(loss, grad, row_stats, divisor, code, row)``; see
+    ``fastce_cuda::causal_lm_fwd``
+    (``csrc/cross_entropy.h``). The label shift, the count rule and the check run on the device; with ``validate``
+    the host waits for the check's answer only (``code`` 0 when good; the caller raises otherwise). Eager only: it has
+    no fake implementation, and torch.compile traces ``cross_entropy_fwd`` instead."""
+    return kernels("cuda").causal_lm_fwd(logits, labels, shift, ignore_index, count, count_value, count_targets,
+                                         validate, compute_grad, inplace, spec)
+
+
 def scale_grad_impl(grad: Tensor, grad_output: Tensor, backend: str) -> None:
     """``grad *= grad_output`` row by row (``grad_output`` 0-dim or ``[B, T]``), skipping factors equal to 1 on the device."""
     if grad_output.dim() not in (0, 2):

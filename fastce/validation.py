@@ -15,16 +15,31 @@ def bad_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     return (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
 
 
+def bad_target_error(target: int, position: tuple, vocab_size: int, ignore_index: int) -> ValueError:
+    return ValueError(f"target {target} at position {position} is outside [0, {vocab_size}) and is not "
+                      f"ignore_index={ignore_index}")
+
+
+def bad_count_error(count) -> ValueError:
+    """A count tensor holding a negative, NaN or infinite number, found at the label check."""
+    return ValueError(f"num_items_in_batch must be a count >= 0, got a tensor holding {float(count)}")
+
+
 def raise_bad_input(targets: Tensor, vocab_size: int, ignore_index: int, divisor: Tensor | None = None) -> None:
     bad = bad_targets(targets, vocab_size, ignore_index)
     if bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"target {int(targets[position])} at position {position} is outside [0, {vocab_size}) "
-            f"and is not ignore_index={ignore_index}"
-        )
-    raise ValueError(f"num_items_in_batch must be a count >= 0, got a tensor holding {float(divisor)}"
-                     if divisor is not None else "bad input")
+        raise bad_target_error(int(targets[position]), position, vocab_size, ignore_index)
+    raise bad_count_error(divisor) if divisor is not None else ValueError("bad input")
+
+
+def raise_answer(code: int, row: int, labels: Tensor, shift: bool, vocab_size: int, ignore_index: int, count) -> None:
+    """Raise what ``fastce_cuda::causal_lm_fwd``'s label check found: code 1, the first bad target, at ``row`` of the
+    (shifted) targets; code 2, a bad count (``count`` the tensor or number it was given)."""
+    if code == 1:
+        b, t = divmod(row, labels.shape[1])
+        raise bad_target_error(int(labels[b, t + int(shift)]), (b, t), vocab_size, ignore_index)
+    raise bad_count_error(count)
 
 
 def _bad_answer(targets: Tensor, vocab_size: int, ignore_index: int, divisor: Tensor | None) -> Tensor:

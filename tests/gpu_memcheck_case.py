@@ -88,8 +88,38 @@ def run_shards(logits, targets, V):
         assert torch.isfinite(fresh).all(), "shard gradient left unwritten"
 
 
+def run_direct() -> None:
+    """The eager path's one-op forward (fastce_cuda::causal_lm_fwd): shifted and unshifted, int32 and int64 labels
+    that are strided, out-of-range labels without validation, a bad target and a bad count with it, counts of every
+    dtype, empty batches."""
+    import fastce
+
+    for B, T, V in [(2, 5, 33), (1, 1, 1), (0, 3, 7), (3, 700, 9)]:
+        logits = torch.randn(B, T + 1, V, device="cuda")[:, 1:].requires_grad_()
+        labels = torch.randint(0, V, (B, 2 * T), device="cuda")[:, ::2]
+        for count in (None, 5, torch.tensor(5, device="cuda"), torch.tensor(5.0, device="cuda").double(),
+                      torch.tensor([5], device="cuda").int()):
+            fastce.causal_lm_loss(logits, labels.int(), num_items_in_batch=count).backward()
+            fastce.cross_entropy(logits.detach(), labels, reduction="sum")
+        fastce.causal_lm_loss(logits, labels, return_stats=True, softcap=3.0, label_smoothing=0.1).loss.backward()
+        if B and T > 1:
+            wild = labels.clone()
+            wild[0, -1] = 1 << 40
+            loss = fastce.causal_lm_loss(logits, wild, validate=False, shift_labels=wild)
+            assert torch.isnan(loss), "an out-of-range target must make the loss NaN"
+            for bad in ({"labels": wild}, {"num_items_in_batch": torch.tensor(-1, device="cuda")}):
+                try:
+                    fastce.causal_lm_loss(logits, bad.pop("labels", labels), shift_labels=None, **bad)
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError(f"no error for {bad}")
+    torch.cuda.synchronize()
+
+
 def main():
     torch.manual_seed(0)
+    run_direct()
     cuda_ce.load_extension()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for V, splits in [(1, 1), (7, 1), (1001, 1), (1001, 3), (40003, 1), (40003, 4), (1, "cluster2"),

@@ -182,14 +182,21 @@ def test_no_float32_copy_of_the_logits(device, backend):
 
 @pytest.mark.parametrize("device, backend", backend_params())
 def test_no_grad_work_without_grad(device, backend, monkeypatch):
+    """Whichever launch takes the call (the general one, or the eager CUDA path's one op), it is told to compute a
+    gradient only when autograd will need one."""
     calls = []
-    real = ops.launch_fwd
+    real, real_direct = ops.launch_fwd, ops.launch_causal_lm
 
     def spy(logits, targets, divisor, ignore_index, compute_grad, *args):
         calls.append(compute_grad)
         return real(logits, targets, divisor, ignore_index, compute_grad, *args)
 
+    def spy_direct(logits, labels, shift, ignore_index, count, count_value, count_targets, compute_grad, *args):
+        calls.append(compute_grad)
+        return real_direct(logits, labels, shift, ignore_index, count, count_value, count_targets, compute_grad, *args)
+
     monkeypatch.setattr(ops, "launch_fwd", spy)
+    monkeypatch.setattr(ops, "launch_causal_lm", spy_direct)
     logits = random_logits((2, 8, 100), torch.bfloat16, device).requires_grad_()
     labels = padded_labels(2, 8, 100, device)
     fastce.causal_lm_loss(logits, labels, backend=backend).backward()

@@ -78,6 +78,16 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
                                             spec.label_smoothing, spec.z_loss, row_stats)
 
 
+def causal_lm_fwd(logits, labels, shift: bool, ignore_index: int, count, count_value: float, count_targets: bool,
+                  validate: bool, compute_grad: bool, inplace: bool, spec: LossSpec = PLAIN):
+    """``(loss, grad, row_stats, divisor, code, row)`` of the eager path's one-op forward (``fastce_cuda::causal_lm_fwd``; see
+    ``csrc/cross_entropy.h``). Not part of the backend contract: the CUDA backend's shortcut for small batches."""
+    load_extension()
+    return torch.ops.fastce_cuda.causal_lm_fwd(logits, labels, shift, ignore_index, count, count_value, count_targets,
+                                               validate, compute_grad, inplace, spec.stats, spec.softcap,
+                                               spec.label_smoothing, spec.z_loss)
+
+
 def shard_stats(logits, targets, vocab_start: int, ignore_index: int, stats, spec: LossSpec = PLAIN) -> None:
     load_extension()
     torch.ops.fastce_cuda.shard_stats(logits, targets, vocab_start, ignore_index, stats, spec.softcap,
