@@ -56,13 +56,16 @@ __device__ __forceinline__ void store_vec(typename Elem<scalar_t>::Bits* g, int 
   }
 }
 
+constexpr int kSumX = 1, kSumPx = 2;  // register_stats' kSums: which of the options' sums a row needs
+
 // This thread's stats of the vectors it holds: raw[i] is vector first_vec + i * kThreads of a row of `len` elements
 // misaligned by `shift`. Its max first (on the raw words), then the sum of exponentials relative to it: a tree per
-// vector, then over vectors. With options and kSums, also the sums of x' and of exp(x' - max)(x' - max), both taken
-// (a select per element costs less than a branch; write_row keeps those the spec asks for), and with kSoftcap the
+// vector, then over vectors. With options, also the sums that kSums names: of x' (kSumX) and of exp(x' - max)(x' - max)
+// (kSumPx), each a select per element (cheaper than a branch), and with kSoftcap the
 // stats of x' (tanh is increasing, so the max of x' is x' of the max: -inf for a thread that holds none of the
 // row's elements). Elements outside the row are masked out by position, without branches.
-template <typename scalar_t, int kVecs, bool kOptions, bool kSoftcap, bool kSums>
+
+template <typename scalar_t, int kVecs, bool kOptions, bool kSoftcap, int kSums>
 __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[kVecs], int first_vec, int shift,
                                                              int len, const Spec& spec) {
   using V = Vec<scalar_t>;
@@ -93,10 +96,8 @@ __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[
         }
         const float d = x - ref;
         const float e = exp2_approx(d * kLog2e);
-        if constexpr (kSums) {
-          sum_x += in_row ? x : 0.f;
-          sum_px += e > 0.f ? e * d : 0.f;
-        }
+        if constexpr ((kSums & kSumX) != 0) sum_x += in_row ? x : 0.f;
+        if constexpr ((kSums & kSumPx) != 0) sum_px += e > 0.f ? e * d : 0.f;
         values[j] = e;
       }
     } else {
@@ -219,10 +220,14 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   // test once here, the same for every thread, so that z-loss and softcap alone pay nothing for them per element.
   const auto stats_of_registers = [&](auto softcap) {
     constexpr bool kCap = decltype(softcap)::value;
-    if (kOptions && (p.spec.sum_x || p.spec.sum_px)) {
-      return register_stats<scalar_t, kVecs, kOptions, kCap, true>(raw, first_vec, x_shift, p.vocab, p.spec);
+    if (kOptions && p.spec.sum_px) {  // the entropy (return_stats), with label smoothing or not
+      constexpr int kBoth = kSumX | kSumPx;
+      return register_stats<scalar_t, kVecs, kOptions, kCap, kBoth>(raw, first_vec, x_shift, p.vocab, p.spec);
     }
-    return register_stats<scalar_t, kVecs, kOptions, kCap, false>(raw, first_vec, x_shift, p.vocab, p.spec);
+    if (kOptions && p.spec.sum_x) {
+      return register_stats<scalar_t, kVecs, kOptions, kCap, kSumX>(raw, first_vec, x_shift, p.vocab, p.spec);
+    }
+    return register_stats<scalar_t, kVecs, kOptions, kCap, 0>(raw, first_vec, x_shift, p.vocab, p.spec);
   };
   S stats = block_merge(with_softcap<kOptions>(p.spec, stats_of_registers), warp_stats);
 

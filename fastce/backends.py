@@ -100,8 +100,14 @@ def takes_cuda(backend: str, logits: torch.Tensor) -> bool:
     return backend == "cuda" or clusters or logits.numel() // max(logits.shape[-1], 1) <= _AUTO_CUDA_MAX_ROWS
 
 
+_KERNELS: dict = {}  # backend -> its launchers' module: looked up at every launch
+
+
 def kernels(backend: str):
     """The module holding ``backend``'s launchers (see ``fastce/kernels/__init__.py``)."""
+    module = _KERNELS.get(backend)
+    if module is not None:
+        return module
     if backend == "torch":
         from .kernels import torch_ce as module
     elif backend == "triton":
@@ -110,4 +116,5 @@ def kernels(backend: str):
         from .kernels import cuda_ce as module
     else:
         raise ValueError(f"unknown backend {backend!r}")
+    _KERNELS[backend] = module
     return module

@@ -95,10 +95,12 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
 
 class DirectCrossEntropy(torch.autograd.Function):
     """The eager CUDA path of a reduced loss: the forward is one op (``ops.launch_causal_lm``: shift, count rule,
-    label check, kernels and the float64 sum), the backward ``FusedCrossEntropy``'s rescale."""
+    label check, kernels and the float64 sum), the backward ``FusedCrossEntropy``'s rescale. The loss is the one
+    output (each output costs autograd host time); ``extras`` receives (row_stats, divisor), which need no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, shift, ignore_index, count, count_value, count_targets, inplace, validate, spec):
+    def forward(ctx, logits, labels, shift, ignore_index, count, count_value, count_targets, inplace, validate, spec,
+                extras):
         loss, grad, row_stats, divisor, code, row = ops.launch_causal_lm(
             logits, labels, shift, ignore_index, count, count_value, count_targets, True, inplace, validate, spec)
         if inplace:
@@ -110,13 +112,13 @@ class DirectCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad)
         ctx.backend = "cuda"
         ctx.backward_done = False
-        ctx.mark_non_differentiable(row_stats, divisor)
-        return loss, row_stats, divisor
+        extras += (row_stats, divisor)
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output, _grad_row_stats, _grad_divisor):
-        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_output):
+        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None, None, None, None, None
 
 
 def direct_cross_entropy(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
@@ -126,8 +128,10 @@ def direct_cross_entropy(logits: Tensor, labels: Tensor, shift: bool, ignore_ind
     shifted by one position with ``shift``; the divisor as ``api.direct_count`` gives it, returned as a 0-dim float64
     tensor; ``row_stats`` as ``fused_cross_entropy``'s. Gradient work only when autograd needs it."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        return DirectCrossEntropy.apply(logits, labels, shift, ignore_index, count, count_value, count_targets, inplace,
-                                        validate, spec)
+        extras = []
+        loss = DirectCrossEntropy.apply(logits, labels, shift, ignore_index, count, count_value, count_targets,
+                                        inplace, validate, spec, extras)
+        return loss, *extras
     loss, _, row_stats, divisor, code, row = ops.launch_causal_lm(
         logits, labels, shift, ignore_index, count, count_value, count_targets, False, False, validate, spec)
     if code:
