@@ -176,7 +176,10 @@ constexpr int cluster_min_blocks() {
 // PARTIALS (forward only): no cluster; each block writes its slice's stats to p.partials[row, rank] (and rank 0 the
 // target logit to p.target_logits), for split_finish_kernel to merge: blocks of a row need not be co-scheduled.
 // kOptions: the options of p.spec and the extra outputs (see cross_entropy_kernels.cuh).
-template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool PARTIALS, bool kOptions>
+// kSums (kOptions only): the options' per-element sums this launch takes (register_stats), as a template argument
+// rather than a test in the kernel: variants inlined side by side made the row's registers spill.
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool PARTIALS, bool kOptions,
+          int kSums = kSumX | kSumPx>
 __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRAD>()))
     cross_entropy_cluster_kernel(const CrossEntropyParams p, int cluster) {
   static_assert(!(PARTIALS && WRITE_GRAD), "the partials variant is forward only");
@@ -216,18 +219,9 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   const float target_logit =
       (rank == 0 && threadIdx.x == 0 && in_range) ? capped<kOptions>(E::to_float(x[column]), p.spec) : NAN;
 
-  // The sums of x' and of exp(x' - max)(x' - max) only where the spec reads them (label smoothing, the entropy): a
-  // test once here, the same for every thread, so that z-loss and softcap alone pay nothing for them per element.
   const auto stats_of_registers = [&](auto softcap) {
-    constexpr bool kCap = decltype(softcap)::value;
-    if (kOptions && p.spec.sum_px) {  // the entropy (return_stats), with label smoothing or not
-      constexpr int kBoth = kSumX | kSumPx;
-      return register_stats<scalar_t, kVecs, kOptions, kCap, kBoth>(raw, first_vec, x_shift, p.vocab, p.spec);
-    }
-    if (kOptions && p.spec.sum_x) {
-      return register_stats<scalar_t, kVecs, kOptions, kCap, kSumX>(raw, first_vec, x_shift, p.vocab, p.spec);
-    }
-    return register_stats<scalar_t, kVecs, kOptions, kCap, 0>(raw, first_vec, x_shift, p.vocab, p.spec);
+    return register_stats<scalar_t, kVecs, kOptions, decltype(softcap)::value, kSums>(raw, first_vec, x_shift,
+                                                                                       p.vocab, p.spec);
   };
   S stats = block_merge(with_softcap<kOptions>(p.spec, stats_of_registers), warp_stats);
 

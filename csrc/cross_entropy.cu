@@ -161,9 +161,17 @@ ClusterPlan choose_cluster(int64_t num_rows, int vocab, int vec_size, bool rows_
 }
 
 // Launches the cluster kernel; false (and nothing launched) when clusters of that size cannot be resident.
-template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool kOptions>
+template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool kOptions, int kSums = kSumX | kSumPx>
 bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t stream) {
-  auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD, false, kOptions>;
+  if constexpr (kOptions && WRITE_GRAD && kSums != 0) {
+    // The gradient kernels, the hot ones: without label smoothing and the entropy, a variant without their
+    // per-element sums, so that z-loss and softcap pay nothing for them. (A variant with the sum of x' alone spilled
+    // several times more registers than the one with both sums under nvcc 13.0, so label smoothing takes that one.)
+    if (!p.spec.sum_x && !p.spec.sum_px) {
+      return launch_cluster<scalar_t, target_t, kVecs, WRITE_GRAD, kOptions, 0>(p, cluster, stream);
+    }
+  }
+  auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD, false, kOptions, kSums>;
   static std::atomic<int> resident[kMaxCluster + 1];  // per cluster size: 0 not asked yet, 1 yes, -1 no
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
