@@ -124,3 +124,36 @@ def test_labels_on_another_device_are_moved():
     loss = fastce.causal_lm_loss(logits, labels, num_items_in_batch=torch.tensor(7))
     expected = fastce.causal_lm_loss(logits, labels.cuda(), num_items_in_batch=7)
     assert loss.device.type == "cuda" and torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("bad", [-3, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_bad_count_tensor_raises_or_is_nan(device, backend, bad):
+    """A count tensor that is negative, NaN or infinite: ValueError at the label check, NaN without validation (an
+    infinite count is no count: it would silently make the loss 0)."""
+    logits = random_logits((2, 5, 13), torch.float32, device).requires_grad_()
+    labels = torch.randint(0, 13, (2, 5), device=device)
+    count = torch.tensor(bad, device=device)
+    with pytest.raises(ValueError, match="num_items_in_batch must be a count >= 0"):
+        fastce.causal_lm_loss(logits, labels, num_items_in_batch=count, backend=backend)
+    assert torch.isnan(fastce.causal_lm_loss(logits, labels, num_items_in_batch=count, backend=backend, validate=False))
+
+
+def test_direct_count_arguments():
+    """How the eager CUDA path's one op is given the divisor (fastce.api.direct_count), and its checks."""
+    from fastce.api import direct_count
+
+    cpu = torch.device("cpu")
+    assert direct_count(None, cpu) == (None, 0.0, True)
+    assert direct_count(7, cpu) == (None, 7.0, False)
+    assert direct_count(torch.tensor([9]), cpu) == (None, 9.0, False)  # a CPU tensor is read on the host
+    assert direct_count(torch.tensor(-3), cpu) == (None, -3.0, False)  # ... and obeys the tensor rule on the device
+    for number in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite count >= 0"):
+            direct_count(number, cpu)
+    with pytest.raises(ValueError, match="hold one number"):
+        direct_count(torch.tensor([1, 2]), cpu)
+    with pytest.raises(TypeError, match="real number"):
+        direct_count(torch.tensor(True), cpu)
+    with pytest.raises(TypeError, match="None, a number or a tensor"):
+        direct_count("12", cpu)
