@@ -11,6 +11,8 @@ from .function import direct_cross_entropy, fused_cross_entropy
 from .ops import LOGIT_DTYPES
 from .spec import make_spec
 
+__all__ = ["LossOutput", "causal_lm_loss", "cross_entropy"]
+
 _DIRECT_TARGETS = (torch.int64, torch.int32)
 DIRECT = True  # False sends every call the general way (benchmarks/profile_host.py measures both)
 
@@ -25,8 +27,6 @@ def _direct(logits, targets, backend: str, spec, process_group) -> bool:
         and logits.stride(2) == 1 and logits.dtype in LOGIT_DTYPES and targets.dtype in _DIRECT_TARGETS
         and targets.device == logits.device and takes_cuda(backend, logits)
     )
-
-__all__ = ["LossOutput", "causal_lm_loss", "cross_entropy"]
 
 
 def causal_lm_loss(
