@@ -139,18 +139,27 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* los
   }
 }
 
-// One mapped pinned HostStatus per thread and device, allocated once.
-HostStatus* pinned_status(int device) {
-  thread_local std::vector<HostStatus*> slots;
-  if (static_cast<int>(slots.size()) <= device) slots.resize(device + 1, nullptr);
-  if (slots[device] == nullptr) {
+// One mapped pinned HostStatus per thread and device, allocated once: its host address and the address kernels
+// write it at.
+struct PinnedStatus {
+  HostStatus* host = nullptr;
+  HostStatus* device = nullptr;
+};
+
+PinnedStatus pinned_status(int device) {
+  thread_local std::vector<PinnedStatus> slots;
+  if (static_cast<int>(slots.size()) <= device) slots.resize(device + 1);
+  PinnedStatus& slot = slots[device];
+  if (slot.host == nullptr) {
     void* host = nullptr;
     C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(HostStatus), cudaHostAllocMapped | cudaHostAllocPortable));
-    auto* status = static_cast<HostStatus*>(host);
-    status->seq = 0;
-    slots[device] = status;
+    void* mapped = nullptr;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, host, 0));
+    slot.host = static_cast<HostStatus*>(host);
+    slot.host->seq = 0;
+    slot.device = static_cast<HostStatus*>(mapped);
   }
-  return slots[device];
+  return slot;
 }
 
 // Waits until prepare_kernel has announced `seq`; raises if the stream finished without it (a failed launch).
@@ -229,14 +238,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> cau
   p.divisor = divisor;
   p.skip = skip;
   static thread_local int64_t last_seq = 0;
+  PinnedStatus status{};
   if (validate) {
-    p.status = pinned_status(logits.get_device());
-    void* device_status = nullptr;
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_status, p.status, 0));
+    status = pinned_status(logits.get_device());
+    p.status = status.device;
     p.seq = ++last_seq;
-    p.status = static_cast<HostStatus*>(device_status);
   }
-  HostStatus* host_status = validate ? pinned_status(logits.get_device()) : nullptr;
   if (labels.scalar_type() == at::kLong) {
     prepare_kernel<int64_t><<<1, kPrepareThreads, 0, stream>>>(p);
   } else {
@@ -256,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> cau
 
   int64_t code = 0, row = -1;
   if (validate) {
-    code = wait_for_answer(host_status, p.seq, stream);
-    row = static_cast<const volatile HostStatus*>(host_status)->row;
+    code = wait_for_answer(status.host, p.seq, stream);
+    row = static_cast<const volatile HostStatus*>(status.host)->row;
   }
   // The divisor as a 0-dim float64 view of the workspace (the z-loss term of return_stats is normalised by it).
   return {loss, grad, row_stats, workspace.narrow(0, 0, 8).view(at::kDouble).reshape({}), code, row};

@@ -62,14 +62,17 @@ def _has_clusters(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= _CLUSTER_MIN_MAJOR
 
 
+def _cuda_first(logits: torch.Tensor, clusters: bool) -> bool:
+    """"auto"'s order on CUDA tensors: the CUDA backend first where it has its cluster path, or for few rows."""
+    return clusters or logits.numel() // max(logits.shape[-1], 1) <= _AUTO_CUDA_MAX_ROWS
+
+
 def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     """The concrete backend for ``logits``; raises ``ValueError`` naming the reason if it cannot run."""
     if backend == "auto":
         if logits.device.type != "cuda":
             return "torch"
-        rows = logits.numel() // max(logits.shape[-1], 1)
-        cuda_first = rows <= _AUTO_CUDA_MAX_ROWS or _has_clusters(logits.device)
-        preferred = ("cuda", "triton") if cuda_first else ("triton", "cuda")
+        preferred = ("cuda", "triton") if _cuda_first(logits, _has_clusters(logits.device)) else ("triton", "cuda")
         for name in preferred:
             if unavailable_reason(name) is None:
                 return name
@@ -95,9 +98,7 @@ def takes_cuda(backend: str, logits: torch.Tensor) -> bool:
     if known is None:
         known = _CUDA_ON_DEVICE[logits.device.index] = (_cuda_reason() is None, _has_clusters(logits.device))
     available, clusters = known
-    if not available:
-        return False
-    return backend == "cuda" or clusters or logits.numel() // max(logits.shape[-1], 1) <= _AUTO_CUDA_MAX_ROWS
+    return available and (backend == "cuda" or _cuda_first(logits, clusters))
 
 
 _KERNELS: dict = {}  # backend -> its launchers' module: looked up at every launch

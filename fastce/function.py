@@ -12,7 +12,6 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .spec import PLAIN, LossSpec
-from .validation import raise_answer
 
 
 def _sum_over(losses: Tensor, divisor: Tensor) -> Tensor:
@@ -101,14 +100,11 @@ class DirectCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, shift, ignore_index, count, count_value, count_targets, inplace, validate, spec,
                 extras):
-        loss, grad, row_stats, divisor, code, row = ops.launch_causal_lm(
+        loss, grad, row_stats, divisor = ops.launch_causal_lm(
             logits, labels, shift, ignore_index, count, count_value, count_targets, True, inplace, validate, spec)
         if inplace:
             torch.autograd.graph.increment_version(logits)  # as in _fwd_inplace
             grad = logits
-        if code:
-            raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
-                         count if count is not None else count_value)
         ctx.save_for_backward(grad)
         ctx.backend = "cuda"
         ctx.backward_done = False
@@ -132,11 +128,8 @@ def direct_cross_entropy(logits: Tensor, labels: Tensor, shift: bool, ignore_ind
         loss = DirectCrossEntropy.apply(logits, labels, shift, ignore_index, count, count_value, count_targets,
                                         inplace, validate, spec, extras)
         return loss, *extras
-    loss, _, row_stats, divisor, code, row = ops.launch_causal_lm(
+    loss, _, row_stats, divisor = ops.launch_causal_lm(
         logits, labels, shift, ignore_index, count, count_value, count_targets, False, False, validate, spec)
-    if code:
-        raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
-                     count if count is not None else count_value)
     return loss, row_stats, divisor
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .backends import kernels
 from .spec import PLAIN, LossSpec
-from .validation import start_validation
+from .validation import raise_answer, start_validation
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -133,13 +133,17 @@ def _(logits, targets, divisor, ignore_index, validate, backend, softcap=0.0, la
 def launch_causal_lm(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
                      count_value: float, count_targets: bool, compute_grad: bool, inplace: bool, validate: bool,
                      spec: LossSpec = PLAIN):
-    """The eager CUDA path's whole forward as one op: ``(loss, grad, row_stats, divisor, code, row)``; see
-    ``fastce_cuda::causal_lm_fwd``
-    (``csrc/cross_entropy.h``). The label shift, the count rule and the check run on the device; with ``validate``
-    the host waits for the check's answer only (``code`` 0 when good; the caller raises otherwise). Eager only: it has
-    no fake implementation, and torch.compile traces ``cross_entropy_fwd`` instead."""
-    return kernels("cuda").causal_lm_fwd(logits, labels, shift, ignore_index, count, count_value, count_targets,
-                                         validate, compute_grad, inplace, spec)
+    """The eager CUDA path's whole forward as one op: ``(loss, grad, row_stats, divisor)``; see
+    ``fastce_cuda::causal_lm_fwd`` (``csrc/cross_entropy.h``). The label shift, the count rule and the check run on
+    the device; with ``validate`` the host waits for the check's answer only, and a bad target or count raises
+    ``ValueError`` here (in place, the logits are then untouched). Eager only: it has no fake implementation, and
+    torch.compile traces ``cross_entropy_fwd`` instead."""
+    loss, grad, row_stats, divisor, code, row = kernels("cuda").causal_lm_fwd(
+        logits, labels, shift, ignore_index, count, count_value, count_targets, validate, compute_grad, inplace, spec)
+    if code:
+        raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
+                     count if count is not None else count_value)
+    return loss, grad, row_stats, divisor
 
 
 def scale_grad_impl(grad: Tensor, grad_output: Tensor, backend: str) -> None:
