@@ -10,9 +10,10 @@ with CUDA events; the peak memory above the inputs during one call (gradients in
 errors against float64 (the loss's relative error; the relative L2 error of grad_input and grad_weight), beside those
 of plain PyTorch in bf16 on the same inputs.
 
-Implementations: ``fastce`` (and ``fastce-triton``, ``fastce-torch``), ``fastce-logits`` (``F.linear`` then fastce's
-logits kernel), ``eager`` (``F.linear`` then transformers' ``ForCausalLMLoss`` on the aligned targets), ``liger``
-(``LigerFusedLinearCrossEntropyLoss``), ``cce`` (Apple's ``cut_cross_entropy.linear_cross_entropy``) when
+Implementations: ``fastce`` (``backend="auto"``) and ``fastce-<backend>`` for each available backend,
+``fastce-logits`` (``F.linear`` then fastce's logits kernel), ``eager`` (``F.linear`` then transformers'
+``ForCausalLMLoss`` on the aligned targets), ``liger`` (``LigerFusedLinearCrossEntropyLoss``), ``cce`` (Apple's
+``cut_cross_entropy.linear_cross_entropy``) when
 importable, and ``gemms`` / ``gemms-kept``: the three cuBLAS GEMMs alone (``h @ W.T``, ``dL @ W``, ``dL.T @ h``) over
 all N rows and over the 7/8 not ignored: the issue's bar is 1.05x the latter. Writes ``<out>/<slug>-linear.{md,json}``
 and ``<slug>-linear.png`` (time and memory against V).
@@ -80,10 +81,9 @@ def _cce():
 
 
 def implementations(device) -> dict:
-    impls = {}
+    impls = {"fastce": _fastce("auto")}  # what a user gets; then each backend by name
     for backend in fastce.available_backends():
-        name = "fastce" if backend == ("cuda" if device.type == "cuda" else "torch") else f"fastce-{backend}"
-        impls[name] = _fastce(backend)
+        impls[f"fastce-{backend}"] = _fastce(backend)
     impls["fastce-logits"] = _fastce_logits
     impls["eager"] = _eager
     for name, make in (("liger", _liger), ("cce", _cce)):

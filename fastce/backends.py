@@ -86,6 +86,16 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     return backend
 
 
+def resolve_linear_backend(backend: str, input: torch.Tensor) -> str:
+    """``resolve_backend`` for the fused lm_head (``input`` its hidden states): there "auto" puts Triton first on CUDA
+    tensors. Its kernels there run on float32 slabs of short rows, where Triton's statistics and epilogue are the
+    faster ones, and its epilogue writes the bfloat16 gradient itself (the CUDA backend's runs in place, then a cast):
+    at 8192x4096x128256 one call took 49.5 ms against 57.5 (benchmarks/NOTES.md, row 19)."""
+    if backend == "auto" and input.device.type == "cuda" and unavailable_reason("triton") is None:
+        return "triton"
+    return resolve_backend(backend, input)
+
+
 _CUDA_ON_DEVICE: dict = {}  # device index -> (CUDA backend available, cluster path): what resolve_backend asks
 
 

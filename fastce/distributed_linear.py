@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .backends import resolve_backend
+from .backends import resolve_linear_backend
 from .distributed_meta import Call, Shard, call_facts, checked_group, merged_stats, row_scale, run_checks, shard_of
 from .function import _sum_over
 from .linear import linear_grads, linear_grads_impl, linear_stats, linear_stats_impl
@@ -84,7 +84,7 @@ def _check(input, weight, bias, targets, name, vocab_size, num_items_in_batch, i
     facts = call_facts(weight.shape[0], targets.shape, vocab_size, ignore_index, reduction, spec,
                        hidden=weight.shape[1], input_grad=input_grad)
     return Call(input=input.reshape(-1, input.shape[-1]), weight=weight, bias=bias, targets=flat, divisor=divisor,
-                ignore_index=ignore_index, facts=facts, backend=resolve_backend(backend, input), shape=targets.shape)
+                ignore_index=ignore_index, facts=facts, backend=resolve_linear_backend(backend, input), shape=targets.shape)
 
 
 def _sharded_loss(call: Call, shard: Shard, reduce: bool, validate: bool, spec: LossSpec, reduce_input_grad: bool):

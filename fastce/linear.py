@@ -1,15 +1,16 @@
 """The fused lm_head + cross-entropy: ``input @ weight.T (+ bias)`` and the loss, no ``[N, V]`` tensor ever in full.
 
-The vocabulary is cut into slabs small enough to keep (``_slab_columns``); each phase of the loss runs slab by slab:
+The vocabulary is cut into slabs as wide as the workspace allows (``_slab_columns``); each phase of the loss runs slab
+by slab:
 
-* forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding), reduced at once to
-  its rows' partial statistics by the kernels' ``shard_stats``; ``fastce/stats.py`` merges them into each row's
-  statistics, whence the losses. Nothing of size V survives the slab.
+* forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding; on tensor cores in
+  pieces of K, see ``_EXACT_K``), reduced at once to its rows' partial statistics by the kernels' ``shard_stats``;
+  ``fastce/stats.py`` merges them into each row's statistics, whence the losses. Nothing of size V survives the slab.
 * backward, three GEMMs: each slab's float32 logits again; the epilogue (``shard_grad``) turns them into the gradient
-  of the logits in the weight's dtype (rounded once, from float32 logits: the softmax is the loss's), scaled per row
-  by the upstream gradient; then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32
-  accumulation, one rounding, no round-off growing with the number of slabs) and ``grad_input += dlogits @
-  weight[slab]`` into a float32 accumulator.
+  of the logits in the weight's dtype (rounded once, from float32 logits), scaled per row by the upstream gradient;
+  then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32 accumulation, one rounding, no
+  round-off growing with the number of slabs) and ``grad_input += dlogits @ weight[slab]`` into a float32
+  accumulator (in the GEMM's epilogue where the device has a mixed-dtype ``addmm``).
 
 So the memory above the inputs is the gradients plus one slab and an ``[N, D]`` float32 accumulator, and a gradient
 is exact for any upstream gradient, per-token losses included. The price is the forward GEMM done twice (4 GEMMs in
@@ -29,20 +30,32 @@ from .function import _sum_over
 from .shard_ops import run_shard_grad, run_shard_stats
 from .spec import LossSpec
 
-# Bytes of one slab of logits (float32, and in the backward their gradient in the weight's dtype too): with the
-# [N, D] float32 accumulator of grad_input, the workspace above the gradients.
-_SLAB_BYTES = 128 << 20
+# The workspace above the gradients: one slab of logits (float32, and in the backward their gradient in the weight's
+# dtype too) and grad_input's [rows, D] float32 accumulator, within 300 MB (the issue's bar; the rows gathered from the
+# input are paid for by grad_input, which the slab loop does not hold yet). Slabs of 128 MiB became this rule in
+# benchmarks/NOTES.md, row 19.
+_WORKSPACE_BYTES = 300 * 10**6
+_SLAB_MIN_BYTES, _SLAB_MAX_BYTES = 32 << 20, 256 << 20
+_SLAB_MARGIN = 16 << 20
+_SLAB_BYTES: int | None = None  # a fixed slab size instead of the rule (tests: 1 gives the narrowest slabs)
 _SLAB_ALIGN = 256  # columns: whole GEMM tiles
 
 
-def _slab_columns(rows: int, vocab: int, elem: int) -> int:
-    columns = _SLAB_BYTES // max(rows * elem, 1)
+def _slab_bytes(rows: int, dim: int) -> int:
+    if _SLAB_BYTES is not None:
+        return _SLAB_BYTES
+    free = _WORKSPACE_BYTES - rows * dim * 4 - _SLAB_MARGIN
+    return min(_SLAB_MAX_BYTES, max(_SLAB_MIN_BYTES, free))
+
+
+def _slab_columns(rows: int, dim: int, vocab: int, elem: int) -> int:
+    columns = _slab_bytes(rows, dim) // max(rows * elem, 1)
     columns = max(_SLAB_ALIGN, columns // _SLAB_ALIGN * _SLAB_ALIGN)
     return min(vocab, columns)
 
 
-def _slabs(rows: int, vocab: int, elem: int):
-    width = _slab_columns(rows, vocab, elem)
+def _slabs(rows: int, dim: int, vocab: int, elem: int):
+    width = _slab_columns(rows, dim, vocab, elem)
     for start in range(0, vocab, width):
         yield start, min(vocab, start + width)
 
@@ -61,20 +74,49 @@ def _mixed_mm_supported(device: torch.device) -> bool:
     return _MIXED_MM[device.type]
 
 
-def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
+_MIXED_ADDMM: dict = {}  # device type -> whether torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) runs there
+
+
+def _mixed_addmm_supported(device: torch.device) -> bool:
+    if device.type not in _MIXED_ADDMM:
+        try:
+            a = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+            acc = torch.ones(1, 1, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[device.type] = float(acc) == 2.0
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM[device.type] = False
+    return _MIXED_ADDMM[device.type]
+
+
+# Where tensor cores make the float32 logits (the mixed-dtype GEMM), their sums are not rounded to nearest: over
+# D = 4096 products the logits came out shrunk towards zero by about 3.7e-6 of |x|, and the loss 1.1e-6 off float64,
+# over the bar. Cut into pieces of at most _EXACT_K products, each piece's own GEMM, the pieces added in float32 (an
+# addmm into the first one's result), half the bias: 5.4e-7 (benchmarks/NOTES.md, row 20). The forward's logits only:
+# the loss is their sum; the backward's gradient is at bf16 rounding anyway.
+_EXACT_K = 2048
+
+
+def _mm_float32(a: Tensor, b: Tensor, exact: bool = False) -> Tensor:
     """``a @ b`` as float32, from operands of any float dtype: one GEMM with float32 output where the device has it
-    (cuBLAS), else on float32 copies (the CPU path)."""
+    (cuBLAS), in pieces of at most ``_EXACT_K`` products if ``exact``; else on float32 copies (the CPU path)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b.float())
-    if _mixed_mm_supported(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+    if not _mixed_mm_supported(a.device):
+        return torch.mm(a.float(), b.float())
+    depth = a.shape[1]
+    pieces = -(-depth // _EXACT_K) if exact and _mixed_addmm_supported(a.device) else 1
+    step = -(-depth // (pieces * 64)) * 64  # 16-byte aligned slices
+    out = torch.mm(a[:, :step], b[:step], out_dtype=torch.float32)
+    for lo in range(step, depth, step):
+        torch.addmm(out, a[:, lo:lo + step], b[lo:lo + step], out_dtype=torch.float32, out=out)
+    return out
 
 
-def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi: int) -> Tensor:
-    """``[1, N, hi - lo]`` float32 logits of the vocabulary slab ``[lo, hi)`` (the same bits in both phases: the
-    gradient's softmax is the loss's)."""
-    logits = _mm_float32(input, weight[lo:hi].t())
+def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi: int, exact: bool = False) -> Tensor:
+    """``[1, N, hi - lo]`` float32 logits of the vocabulary slab ``[lo, hi)``; ``exact``: the forward's (see
+    ``_EXACT_K``)."""
+    logits = _mm_float32(input, weight[lo:hi].t(), exact)
     if bias is not None:
         logits += bias[lo:hi].float()
     return logits.unsqueeze(0)
@@ -88,8 +130,8 @@ def linear_stats_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
     spec = LossSpec(softcap, label_smoothing, z_loss, stats)
     rows, vocab = input.shape[0], weight.shape[0]
     parts = []
-    for lo, hi in _slabs(rows, vocab, 4):
-        logits = _slab_logits(input, weight, bias, lo, hi)
+    for lo, hi in _slabs(rows, input.shape[1], vocab, 4):
+        logits = _slab_logits(input, weight, bias, lo, hi, exact=True)
         parts.append(run_shard_stats(logits, targets.unsqueeze(0), vocab_start + lo, ignore_index, backend, spec))
     if not parts:
         return torch.zeros((rows, _stats.STATS_FIELDS), dtype=torch.float32, device=input.device)
@@ -106,9 +148,13 @@ def _(input, weight, bias, targets, ignore_index, backend, softcap=0.0, label_sm
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` float32: accumulated in float32 whatever the operands' dtype."""
+    """``acc += a @ b`` with ``acc`` float32: accumulated in float32 whatever the operands' dtype. Where the device
+    has a mixed-dtype ``addmm`` (cuBLAS), one GEMM whose epilogue adds into ``acc``: no float32 product written,
+    read back and added (3 passes over ``[N, D]`` float32 per slab)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b.float())
+    elif _mixed_addmm_supported(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif _mixed_mm_supported(a.device):
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
@@ -134,7 +180,7 @@ def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
     in_place = weight.dtype == torch.float32
     casts = getattr(kernels(backend), "SHARD_GRAD_CASTS", True)  # else: the epilogue in place, then a cast
     buffer = None
-    for lo, hi in _slabs(rows, vocab, 4 + (0 if in_place else weight.element_size())):
+    for lo, hi in _slabs(rows, input.shape[1], vocab, 4 + (0 if in_place else weight.element_size())):
         logits = _slab_logits(input, weight, bias, lo, hi)
         if in_place:
             grad = logits

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .api import (check_linear, divisor_of, kept_rows, make_output, reduction_divisor, shift_targets,
                   to_every_row)
-from .backends import resolve_backend
+from .backends import resolve_linear_backend
 from .function import _sum_over
 from .linear import LinearCrossEntropyFunction, linear_stats_impl
 from .spec import LossSpec, make_spec
@@ -98,7 +98,7 @@ def linear_cross_entropy(
                                                 spec=spec)
     check_linear(input, weight, bias, target, "target")
     target = target.to(input.device)
-    backend = resolve_backend(backend, input)
+    backend = resolve_linear_backend(backend, input)
     flat_targets = target.reshape(-1)
     divisor = reduction_divisor(reduction, flat_targets, ignore_index)
     out, row_stats = fused_linear_loss(input.reshape(-1, input.shape[-1]), weight, bias, flat_targets, divisor,
@@ -164,7 +164,7 @@ def causal_lm_linear_loss(
     if vocab_size is not None and vocab_size != weight.shape[0]:
         raise ValueError(f"vocab_size={vocab_size} does not match the weight's {weight.shape[0]} rows")
     targets = targets.to(hidden_states.device)
-    backend = resolve_backend(backend, hidden_states)
+    backend = resolve_linear_backend(backend, hidden_states)
     flat_targets = targets.reshape(-1)
     divisor = divisor_of(num_items_in_batch, flat_targets, ignore_index)
     loss, row_stats = fused_linear_loss(hidden_states.reshape(-1, hidden_states.shape[-1]), weight, bias,
