@@ -39,6 +39,13 @@ TORCH_LIBRARY(fastce_cuda, m) {
       "causal_lm_fwd(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
       "float count_value, bool count_targets, bool validate, bool compute_grad, bool inplace, bool stats=False, "
       "float softcap=0., float label_smoothing=0., float z_loss=0.) -> (Tensor, Tensor, Tensor, Tensor, int, int)");
+  // The same forward with the gradient, for logits that need one, as an op with a C++ autograd node
+  // (causal_lm_autograd.cpp): (loss, row_stats, divisor, code, row), the loss differentiable; its backward scales the
+  // gradient the node saved (the logits themselves with inplace).
+  m.def(
+      "causal_lm_loss(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
+      "float count_value, bool count_targets, bool validate, bool inplace, bool stats=False, float softcap=0., "
+      "float label_smoothing=0., float z_loss=0.) -> (Tensor, Tensor, Tensor, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {
