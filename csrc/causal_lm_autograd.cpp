@@ -91,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> causal_lm_loss(
     const at::Tensor& logits, const at::Tensor& labels, bool shift, int64_t ignore_index,
     const std::optional<at::Tensor>& count, double count_value, bool count_targets, bool validate, bool inplace,
     bool stats, double softcap, double label_smoothing, double z_loss) {
-  Call call{shift, ignore_index, count_value, count_targets, validate, inplace, stats, softcap, label_smoothing, z_loss};
+  Call call{shift, ignore_index, count_value, count_targets, validate, inplace, stats, softcap, label_smoothing,
+            z_loss};
   const variable_list out = CausalLmLoss::apply(logits, labels, count, &call);
   return {out[0], out[1], out[2], call.code, call.row};
 }

@@ -34,7 +34,7 @@ TORCH_LIBRARY(fastce_cuda, m) {
       "Tensor(a!) grad, float softcap, float label_smoothing, float z_loss) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // The eager default path's forward in one call (label shift, count, check, kernels, float64 loss): see
-  // cross_entropy.h. Eager only (fastce/direct.py); torch.compile traces the ops above.
+  // cross_entropy.h. Eager only (fastce/function.py, direct_cross_entropy); torch.compile traces the ops above.
   m.def(
       "causal_lm_fwd(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
       "float count_value, bool count_targets, bool validate, bool compute_grad, bool inplace, bool stats=False, "
