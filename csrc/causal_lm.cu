@@ -1,5 +1,6 @@
-// causal_lm_fwd: the whole forward of the eager default path as one op (fastce/direct.py), so that a small batch
-// costs the host one dispatcher call instead of some thirty small torch ops. Three launches on the current stream:
+// causal_lm_fwd: the whole forward of the eager default path as one op (fastce/function.py, direct_cross_entropy), so
+// that a small batch costs the host one dispatcher call instead of some thirty small torch ops (with a gradient, through
+// causal_lm_loss's autograd node: causal_lm_autograd.cpp). Three launches on the current stream:
 //   1. prepare_kernel (one block): counts the targets that are not ignore_index (the shift is index arithmetic on
 //      the labels), finds the first bad one, turns the count rule into the divisor (fastce/api.py, divisor_of) and
 //      the skip flag, and with validation writes its answer straight into mapped pinned memory;

@@ -34,11 +34,18 @@ TORCH_LIBRARY(fastce_cuda, m) {
       "Tensor(a!) grad, float softcap, float label_smoothing, float z_loss) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // The eager default path's forward in one call (label shift, count, check, kernels, float64 loss): see
-  // cross_entropy.h. Eager only (fastce/direct.py); torch.compile traces the ops above.
+  // cross_entropy.h. Eager only (fastce/function.py, direct_cross_entropy); torch.compile traces the ops above.
   m.def(
       "causal_lm_fwd(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
       "float count_value, bool count_targets, bool validate, bool compute_grad, bool inplace, bool stats=False, "
       "float softcap=0., float label_smoothing=0., float z_loss=0.) -> (Tensor, Tensor, Tensor, Tensor, int, int)");
+  // The same forward with the gradient, for logits that need one, as an op with a C++ autograd node
+  // (causal_lm_autograd.cpp): (loss, row_stats, divisor, code, row), the loss differentiable; its backward scales the
+  // gradient the node saved (the logits themselves with inplace).
+  m.def(
+      "causal_lm_loss(Tensor(a!) logits, Tensor labels, bool shift, int ignore_index, Tensor? count, "
+      "float count_value, bool count_targets, bool validate, bool inplace, bool stats=False, float softcap=0., "
+      "float label_smoothing=0., float z_loss=0.) -> (Tensor, Tensor, Tensor, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(fastce_cuda, CUDA, m) {

@@ -90,7 +90,8 @@ def count_tensor(num_items_in_batch: Tensor) -> Tensor:
         raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
     if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
         raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
-    return num_items_in_batch.detach()
+    # A count rarely needs a gradient; detaching one that does not would cost a dispatcher call at every step.
+    return num_items_in_batch.detach() if num_items_in_batch.requires_grad else num_items_in_batch
 
 
 def count_number(num_items_in_batch) -> float:
@@ -111,9 +112,10 @@ def direct_count(num_items_in_batch, device) -> tuple:
         return None, 0.0, True
     if isinstance(num_items_in_batch, Tensor):
         count = count_tensor(num_items_in_batch)
-        if count.device.type == "cpu":
+        where = count.device
+        if where.type == "cpu":
             return None, float(count), False
-        if count.device != device:
+        if where != device:
             count = count.to(device)
         if count.dtype not in (torch.int64, torch.int32, torch.float32, torch.float64):
             count = count.double()

@@ -1,4 +1,5 @@
-"""The autograd layer: one ``torch.autograd.Function`` owns forward and backward for every backend.
+"""The autograd layer: one ``torch.autograd.Function`` owns forward and backward for every backend; the eager CUDA
+path of a reduced loss has the same node in C++ (``csrc/causal_lm_autograd.cpp``), which runs no Python.
 
 The gradient is produced in the forward launch, in the same pass over the logits as the loss (the loss is the
 last op of a training forward, so backward always follows); backward only rescales it by ``grad_output``, and
@@ -83,7 +84,7 @@ class FusedCrossEntropy(torch.autograd.Function):
 
 def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
     """The gradient saved by a forward, scaled in place by ``grad_output`` (once: a second backward would scale it
-    again)."""
+    again; the C++ node raises the same)."""
     if ctx.backward_done:
         raise RuntimeError("fastce's fused cross-entropy gradient is scaled in place: backward can run only once")
     ctx.backward_done = True
@@ -92,45 +93,17 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
     return grad
 
 
-class DirectCrossEntropy(torch.autograd.Function):
-    """The eager CUDA path of a reduced loss: the forward is one op (``ops.launch_causal_lm``: shift, count rule,
-    label check, kernels and the float64 sum), the backward ``FusedCrossEntropy``'s rescale. The loss is the one
-    output (each output costs autograd host time); ``extras`` receives (row_stats, divisor), which need no gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, shift, ignore_index, count, count_value, count_targets, inplace, validate, spec,
-                extras):
-        loss, grad, row_stats, divisor = ops.launch_causal_lm(
-            logits, labels, shift, ignore_index, count, count_value, count_targets, True, inplace, validate, spec)
-        if inplace:
-            torch.autograd.graph.increment_version(logits)  # as in _fwd_inplace
-            grad = logits
-        ctx.save_for_backward(grad)
-        ctx.backend = "cuda"
-        ctx.backward_done = False
-        extras += (row_stats, divisor)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None, None, None, None, None
-
-
 def direct_cross_entropy(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
                          count_value: float, count_targets: bool, *, inplace: bool, validate: bool,
                          spec: LossSpec = PLAIN) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, row_stats, divisor)`` of CUDA ``logits`` ``[B, T, V]`` and ``labels`` ``[B, T]`` on their device,
     shifted by one position with ``shift``; the divisor as ``api.direct_count`` gives it, returned as a 0-dim float64
-    tensor; ``row_stats`` as ``fused_cross_entropy``'s. Gradient work only when autograd needs it."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        extras = []
-        loss = DirectCrossEntropy.apply(logits, labels, shift, ignore_index, count, count_value, count_targets,
-                                        inplace, validate, spec, extras)
-        return loss, *extras
-    loss, _, row_stats, divisor = ops.launch_causal_lm(
-        logits, labels, shift, ignore_index, count, count_value, count_targets, False, False, validate, spec)
-    return loss, row_stats, divisor
+    tensor; ``row_stats`` as ``fused_cross_entropy``'s. The eager CUDA path of a reduced loss: one op
+    (``ops.launch_causal_lm``: shift, count rule, label check, kernels and the float64 sum). Gradient work only when
+    autograd needs it; the op's autograd node is then C++ (``csrc/causal_lm_autograd.cpp``: its backward is
+    ``FusedCrossEntropy``'s rescale), so that neither forward nor backward runs Python."""
+    return ops.launch_causal_lm(logits, labels, shift, ignore_index, count, count_value, count_targets,
+                                torch.is_grad_enabled() and logits.requires_grad, inplace, validate, spec)
 
 
 def fused_cross_entropy(

@@ -17,7 +17,7 @@ _DIRECT_TARGETS = (torch.int64, torch.int32)
 DIRECT = True  # False sends every call the general way (benchmarks/profile_host.py measures both)
 
 
-def _direct(logits, targets, backend: str, spec, process_group) -> bool:
+def _direct(logits, targets, backend: str, process_group) -> bool:
     """Whether the eager one-op CUDA path (``function.direct_cross_entropy``) takes a reduced loss: plain CUDA
     tensors as the kernels take them, on the CUDA backend, outside torch.compile; the rest goes the general way."""
     return (
@@ -94,7 +94,7 @@ def causal_lm_loss(
     if not isinstance(labels, Tensor) and shift_labels is None:
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     shift = shift_labels is None
-    if _direct(logits, labels if shift else shift_labels, backend, spec, process_group):
+    if _direct(logits, labels if shift else shift_labels, backend, process_group):
         if vocab_size is not None and vocab_size != logits.shape[-1]:
             raise ValueError(f"vocab_size={vocab_size} does not match the logits' last dimension {logits.shape[-1]}")
         loss, row_stats, divisor = direct_cross_entropy(
@@ -148,7 +148,7 @@ def cross_entropy(
     spec = make_spec(softcap, label_smoothing, z_loss, return_stats)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if reduction != "none" and _direct(logits, target, backend, spec, process_group):
+    if reduction != "none" and _direct(logits, target, backend, process_group):
         count = (None, 0.0, True) if reduction == "mean" else (None, 1.0, False)
         loss, row_stats, divisor = direct_cross_entropy(logits, target, False, ignore_index, *count,
                                                         inplace=inplace_backward, validate=validate, spec=spec)

@@ -1,4 +1,5 @@
-"""Torch custom ops over the kernels: validate, allocate, launch. No autograd here (see ``function.py``).
+"""Torch custom ops over the kernels: validate, allocate, launch. No autograd here (see ``function.py``), except the
+C++ autograd node of the eager CUDA path's op with a gradient (``launch_causal_lm``).
 
 Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` treats each as one opaque node
 (with a fake implementation for tracing) instead of breaking the graph. In eager mode ``function.py`` calls the
@@ -133,17 +134,22 @@ def _(logits, targets, divisor, ignore_index, validate, backend, softcap=0.0, la
 def launch_causal_lm(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int, count: Tensor | None,
                      count_value: float, count_targets: bool, compute_grad: bool, inplace: bool, validate: bool,
                      spec: LossSpec = PLAIN):
-    """The eager CUDA path's whole forward as one op: ``(loss, grad, row_stats, divisor)``; see
-    ``fastce_cuda::causal_lm_fwd`` (``csrc/cross_entropy.h``). The label shift, the count rule and the check run on
-    the device; with ``validate`` the host waits for the check's answer only, and a bad target or count raises
-    ``ValueError`` here (in place, the logits are then untouched). Eager only: it has no fake implementation, and
-    torch.compile traces ``cross_entropy_fwd`` instead."""
-    loss, grad, row_stats, divisor, code, row = kernels("cuda").causal_lm_fwd(
-        logits, labels, shift, ignore_index, count, count_value, count_targets, validate, compute_grad, inplace, spec)
+    """The eager CUDA path's whole forward as one op: ``(loss, row_stats, divisor)``; see ``fastce_cuda::causal_lm_fwd``
+    (``csrc/cross_entropy.h``). With ``compute_grad`` the op is ``fastce_cuda::causal_lm_loss``, whose C++ autograd
+    node makes the loss differentiable; the gradient then overwrites the logits with ``inplace``. The label shift, the
+    count rule and the check run on the device; with ``validate`` the host waits for the check's answer only, and a
+    bad target or count raises ``ValueError`` here (in place, the logits are then untouched). Eager only: neither op
+    has a fake implementation, and torch.compile traces ``cross_entropy_fwd`` instead."""
+    if compute_grad:
+        loss, row_stats, divisor, code, row = kernels("cuda").causal_lm_loss(
+            logits, labels, shift, ignore_index, count, count_value, count_targets, validate, inplace, spec)
+    else:
+        loss, row_stats, divisor, code, row = kernels("cuda").causal_lm_fwd(
+            logits, labels, shift, ignore_index, count, count_value, count_targets, validate, spec)
     if code:
         raise_answer(code, row, labels, shift, logits.shape[-1], ignore_index,
                      count if count is not None else count_value)
-    return loss, grad, row_stats, divisor
+    return loss, row_stats, divisor
 
 
 def scale_grad_impl(grad: Tensor, grad_output: Tensor, backend: str) -> None:

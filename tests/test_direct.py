@@ -1,5 +1,6 @@
-"""The eager CUDA path's one-op forward (fastce/function.py's direct_cross_entropy over fastce_cuda::causal_lm_fwd):
-the label shift, the count rule, the label check and the float64 sum on the device, against float64 references."""
+"""The eager CUDA path's one op (fastce/function.py's direct_cross_entropy over fastce_cuda::causal_lm_fwd, and
+fastce_cuda::causal_lm_loss with its C++ autograd node when the logits need a gradient): the label shift, the count
+rule, the label check and the float64 sum on the device, and the node's backward, against float64 references."""
 import pytest
 import torch
 
@@ -230,3 +231,144 @@ def test_other_calls_take_the_general_path(taken):
     fastce.causal_lm_loss(logits[0], labels[0])
     fastce.cross_entropy(logits, labels, reduction="none")
     assert taken == []
+
+
+class _NoGradient(torch.autograd.Function):
+    """Identity whose backward sends nothing on: the node below it gets an undefined grad_output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_the_autograd_node_is_cpp(taken):
+    """A call that needs a gradient runs no Python autograd.Function: the loss's node is the op's C++ one, and the
+    other outputs need no gradient."""
+    logits = random_logits((2, 5, 33), torch.float32, "cuda").requires_grad_()
+    labels = padded_labels(2, 5, 33, "cuda")
+    loss = fastce.causal_lm_loss(logits, labels)
+    assert "CausalLmLoss" in loss.grad_fn.name()
+    assert not isinstance(loss.grad_fn, torch.autograd.function.BackwardCFunction)
+    loss, row_stats, divisor = ops.launch_causal_lm(logits, labels, True, -100, None, 0.0, True, True, False, True)
+    assert loss.requires_grad and not row_stats.requires_grad and not divisor.requires_grad
+    assert taken == [True, True]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_second_backward_raises(taken, inplace):
+    leaf = random_logits((2, 6, 41), torch.float32, "cuda").requires_grad_()
+    labels = padded_labels(2, 6, 41, "cuda", min_len=2)
+    _, ref_grad = _reference(leaf, labels)
+    loss = fastce.causal_lm_loss(leaf * 1, labels, inplace_backward=inplace)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="scaled in place: backward can run only once"):
+        loss.backward()
+    assert_grad_close(leaf.grad, ref_grad)  # scaled and accumulated once
+    assert taken == [True]
+
+
+def test_inplace_bumps_the_version_unless_the_check_fails(taken):
+    """In place, the node bumps the logits' version as an in-place op would: what saved them for its own backward
+    then raises. A failed check writes nothing and bumps nothing."""
+    leaf = random_logits((2, 5, 97), torch.bfloat16, "cuda").requires_grad_()
+    labels = padded_labels(2, 5, 97, "cuda", min_len=2)
+    logits = leaf * 1
+    saved = logits.sin()  # sin saves its input
+    version = logits._version
+    loss = fastce.causal_lm_loss(logits, labels, inplace_backward=True)
+    assert logits._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + saved.sum()).backward()
+    bad = labels.clone()
+    bad[0, 1] = 97
+    fresh = leaf * 1
+    before, version = fresh.detach().clone(), fresh._version
+    with pytest.raises(ValueError, match=r"target 97 at position \(0, 0\) is outside \[0, 97\)"):
+        fastce.causal_lm_loss(fresh, bad, inplace_backward=True)
+    assert fresh._version == version and torch.equal(fresh.detach(), before)
+    assert taken == [True, True]
+
+
+def test_grad_output_paths(taken):
+    """grad_output other than 1, reaching the node as a view of a larger gradient (two losses stacked and weighted),
+    through a float64 cast, given explicitly, zero, and undefined (scaled as zeros, as autograd.Function's
+    materialised grads were)."""
+    B, T, V = 2, 7, 53
+    logits = random_logits((B, T, V), torch.float32, "cuda").requires_grad_()
+    labels = padded_labels(B, T, V, "cuda", min_len=2)
+    _, ref_grad = _reference(logits, labels)
+    first, second = fastce.causal_lm_loss(logits, labels), fastce.causal_lm_loss(logits, labels)
+    (torch.stack([first, second]) * torch.tensor([2.0, -0.5], device="cuda")).sum().backward()
+    assert_grad_close(logits.grad, 1.5 * ref_grad, roundings=3)
+    logits.grad = None
+    (fastce.causal_lm_loss(logits, labels).double() * 3).backward()
+    assert_grad_close(logits.grad, 3 * ref_grad, roundings=2)
+    (grad,) = torch.autograd.grad(fastce.causal_lm_loss(logits, labels), logits, torch.tensor(-0.25, device="cuda"))
+    assert_grad_close(grad, -0.25 * ref_grad, roundings=2)
+    for zero in (fastce.causal_lm_loss(logits, labels) * 0, _NoGradient.apply(fastce.causal_lm_loss(logits, labels))):
+        (grad,) = torch.autograd.grad(zero, logits)
+        assert torch.equal(grad, torch.zeros_like(grad))
+    assert taken == [True] * 6
+
+
+def test_no_double_backward(taken):
+    """As the general path's @once_differentiable backward: a gradient made with create_graph from a grad_output that
+    needs a gradient raises when it is differentiated, rather than silently losing that dependence."""
+    logits = random_logits((2, 5, 33), torch.float32, "cuda").requires_grad_()
+    labels = padded_labels(2, 5, 33, "cuda", min_len=2)
+    _, ref_grad = _reference(logits, labels)
+    weight = torch.tensor(2.0, device="cuda", requires_grad=True)
+    (grad,) = torch.autograd.grad(fastce.causal_lm_loss(logits, labels) * weight, logits, create_graph=True)
+    assert_grad_close(grad.detach(), 2 * ref_grad, roundings=2)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+    assert taken == [True]
+
+
+def test_bad_input_messages_with_a_gradient(taken):
+    """The check's answer raised through the op with a gradient: unshifted targets (cross_entropy) and a bad count."""
+    logits = random_logits((3, 4, 21), torch.float16, "cuda").requires_grad_()
+    target = padded_labels(3, 4, 21, "cuda")
+    target[2, 1] = -7
+    with pytest.raises(ValueError, match=r"target -7 at position \(2, 1\) is outside \[0, 21\) and is not "
+                                         r"ignore_index=-100"):
+        fastce.cross_entropy(logits, target)
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be a count >= 0, got a tensor holding -2.0"):
+        fastce.causal_lm_loss(logits, padded_labels(3, 4, 21, "cuda"),
+                              num_items_in_batch=torch.tensor(-2, device="cuda"))
+    assert logits.grad is None
+    assert taken == [True, True]
+
+
+def test_cuda_graph_capture_of_forward_and_backward(taken):
+    """validate=False: the op with its autograd node, forward and backward, captured in one CUDA graph and replayed
+    on new logits."""
+    B, T, V = 2, 16, 129
+    logits = random_logits((B, T, V), torch.float32, "cuda").requires_grad_()
+    labels = padded_labels(B, T, V, "cuda", min_len=2)
+    count = torch.tensor(17, device="cuda")
+
+    def step():
+        loss = fastce.causal_lm_loss(logits, labels, num_items_in_batch=count, validate=False)
+        return (loss, *torch.autograd.grad(loss * 1.5, logits))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            loss, grad = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.no_grad():
+        logits.copy_(random_logits((B, T, V), torch.float32, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss, ref_grad = _reference(logits, labels, num_items_in_batch=17)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, 1.5 * ref_grad, roundings=2)
+    assert taken == [True, True]

@@ -35,6 +35,9 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source chec
 # global rather than functools.lru_cache, which torch.compile warns about.
 _load_error: str | None = None
 _has_cuda: list = []  # torch.cuda.is_available(), asked once: backend="auto" asks at every call
+# The eager path's two ops as overloads, bound once the library is loaded: they run at every training step, and
+# torch.ops' attribute and overload lookups cost host time at each call.
+_causal_lm_fwd = _causal_lm_loss = None
 
 
 def load_extension() -> None:
@@ -43,11 +46,13 @@ def load_extension() -> None:
     Raises ``RuntimeError`` saying why the ops cannot be loaded; the outcome is remembered, so a failed
     just-in-time build is not retried at every call.
     """
-    global _load_error
+    global _load_error, _causal_lm_fwd, _causal_lm_loss
     if _load_error is None:
         try:
             _import_or_build()
             _register_fakes()
+            _causal_lm_fwd = torch.ops.fastce_cuda.causal_lm_fwd.default
+            _causal_lm_loss = torch.ops.fastce_cuda.causal_lm_loss.default
             _load_error = ""
         except (ImportError, OSError, RuntimeError) as exc:
             _load_error = str(exc)
@@ -79,13 +84,25 @@ def cross_entropy_fwd(logits, targets, divisor, losses, grad, ignore_index: int,
 
 
 def causal_lm_fwd(logits, labels, shift: bool, ignore_index: int, count, count_value: float, count_targets: bool,
-                  validate: bool, compute_grad: bool, inplace: bool, spec: LossSpec = PLAIN):
-    """``(loss, grad, row_stats, divisor, code, row)`` of the eager path's one-op forward (``fastce_cuda::causal_lm_fwd``; see
-    ``csrc/cross_entropy.h``). Not part of the backend contract: the CUDA backend's shortcut for small batches."""
+                  validate: bool, spec: LossSpec = PLAIN):
+    """``(loss, row_stats, divisor, code, row)`` of the eager path's one-op forward without a gradient
+    (``fastce_cuda::causal_lm_fwd``; see ``csrc/cross_entropy.h``). Not part of the backend contract: the CUDA
+    backend's shortcut for small batches, as ``causal_lm_loss``."""
     load_extension()
-    return torch.ops.fastce_cuda.causal_lm_fwd(logits, labels, shift, ignore_index, count, count_value, count_targets,
-                                               validate, compute_grad, inplace, spec.stats, spec.softcap,
-                                               spec.label_smoothing, spec.z_loss)
+    loss, _, row_stats, divisor, code, row = _causal_lm_fwd(
+        logits, labels, shift, ignore_index, count, count_value, count_targets, validate, False, False, spec.stats,
+        spec.softcap, spec.label_smoothing, spec.z_loss)
+    return loss, row_stats, divisor, code, row
+
+
+def causal_lm_loss(logits, labels, shift: bool, ignore_index: int, count, count_value: float, count_targets: bool,
+                   validate: bool, inplace: bool, spec: LossSpec = PLAIN):
+    """``causal_lm_fwd`` with the gradient (``fastce_cuda::causal_lm_loss``): the loss is differentiable through the
+    op's C++ autograd node (``csrc/causal_lm_autograd.cpp``), which holds the gradient (in the logits with
+    ``inplace``) and scales it in backward."""
+    load_extension()
+    return _causal_lm_loss(logits, labels, shift, ignore_index, count, count_value, count_targets, validate, inplace,
+                           spec.stats, spec.softcap, spec.label_smoothing, spec.z_loss)
 
 
 def shard_stats(logits, targets, vocab_start: int, ignore_index: int, stats, spec: LossSpec = PLAIN) -> None:
