@@ -38,3 +38,12 @@ def test_torch_always_available_and_reasons_are_sentences():
         assert reason is None or (isinstance(reason, str) and len(reason) > 10)
     with pytest.raises(ValueError, match="unknown backend"):
         fastce.unavailable_reason("fast")
+
+
+def test_an_extension_older_than_the_package_is_reported_not_raised():
+    """A fastce._C built from an older fastce lacks the newer ops: the CUDA backend is then unavailable with a reason
+    that says to reinstall, instead of an AttributeError from every call that asks which backends run."""
+    from fastce.kernels import cuda_ce
+
+    with pytest.raises(RuntimeError, match="older fastce .*no fastce_cuda::no_such_op.*reinstall"):
+        cuda_ce._bind("no_such_op")

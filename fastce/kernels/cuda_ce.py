@@ -51,13 +51,21 @@ def load_extension() -> None:
         try:
             _import_or_build()
             _register_fakes()
-            _causal_lm_fwd = torch.ops.fastce_cuda.causal_lm_fwd.default
-            _causal_lm_loss = torch.ops.fastce_cuda.causal_lm_loss.default
+            _causal_lm_fwd, _causal_lm_loss = _bind("causal_lm_fwd"), _bind("causal_lm_loss")
             _load_error = ""
         except (ImportError, OSError, RuntimeError) as exc:
             _load_error = str(exc)
     if _load_error:
         raise RuntimeError(_load_error)
+
+
+def _bind(name: str):
+    """The op's default overload; an extension built from an older fastce lacks the newer ops: say so, not crash."""
+    try:
+        return getattr(torch.ops.fastce_cuda, name).default
+    except AttributeError:
+        raise RuntimeError(f"fastce._C was built from an older fastce (it has no fastce_cuda::{name}): reinstall "
+                           "fastce to rebuild it") from None
 
 
 def unavailable_reason() -> str | None:
