@@ -8,7 +8,7 @@ from fastce.kernels import cuda_ce
 from fastce.reference import cross_entropy_grad_reference, cross_entropy_reference, row_stats_reference
 from fastce.spec import PLAIN, LossSpec
 
-from helpers import assert_grad_close, gradient_terms
+from helpers import assert_grad_close, gradient_terms, random_logits
 
 IGNORE = -100
 gpu = pytest.mark.gpu
@@ -120,6 +120,12 @@ def labels(B, T, V, device="cuda", dtype=torch.int64):
     if B * T > 1:
         targets[-1, -1] = IGNORE
     return targets
+
+
+def small_case(V, dtype):
+    """(logits [2, 3, V], targets, divisor, losses) on the GPU."""
+    return (random_logits((2, 3, V), dtype, "cuda"), labels(2, 3, V),
+            torch.tensor(4.0, dtype=torch.float64, device="cuda"), torch.empty(2, 3, device="cuda"))
 
 
 # (B, T, V): V=1; V smaller than a vector; odd V (no row is 16-byte aligned); T=1; a vocabulary a little over a
