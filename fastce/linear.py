@@ -6,6 +6,8 @@ by slab:
 * forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding; on tensor cores in
   pieces of K, see ``_EXACT_K``), reduced at once to its rows' partial statistics by the kernels' ``shard_stats``;
   ``fastce/stats.py`` merges them into each row's statistics, whence the losses. Nothing of size V survives the slab.
+  With ``FUSED_FORWARD`` (off until measured), the Triton backend's forward is one kernel instead
+  (``fastce/kernels/triton_linear.py``): GEMM tiles whose epilogue takes the statistics, no logits in memory.
 * backward, three GEMMs: each slab's float32 logits again; the epilogue (``shard_grad``) turns them into the gradient
   of the logits in the weight's dtype (rounded once, from float32 logits), scaled per row by the upstream gradient;
   then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32 accumulation, one rounding, no

@@ -31,28 +31,46 @@ from .triton_ce import _f32, _num_sms
 from .triton_kernels import _merge_stats_kernel
 from .triton_linear_kernels import _linear_stats_kernel
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before host-side tensor descriptors: the TMA configurations run with pointer loads
+    TensorDescriptor = None
 
-def _config(block_m, block_n, block_k, piece_k, num_warps, num_stages) -> tuple[str, triton.Config]:
+
+def _config(block_m, block_n, block_k, piece_k, num_warps, num_stages, tma=False, resident=1
+            ) -> tuple[str, triton.Config]:
+    """A named configuration. ``resident``: programs an SM holds at once (registers and shared memory allow), for the
+    choice of splits (a launcher-only entry of ``kwargs``)."""
     assert piece_k % block_k == 0, "a piece is whole BLOCK_K steps"
-    name = f"m{block_m}n{block_n}k{block_k}p{piece_k}w{num_warps}s{num_stages}"
-    return name, triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PIECE_K": piece_k},
-                               num_warps=num_warps, num_stages=num_stages)
+    name = f"m{block_m}n{block_n}k{block_k}p{piece_k}w{num_warps}s{num_stages}" + ("-tma" if tma else "")
+    return name, triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PIECE_K": piece_k,
+                                "TMA": tma, "RESIDENT": resident}, num_warps=num_warps, num_stages=num_stages)
 
 
-# Hopper first. The exact ones (PIECE_K > 0) hold two float32 tiles (the piece and the total): 128 x 128 in 8 warps is
-# 2 x 64 registers a thread; 128 x 256 would be 2 x 128 and spill. The one-piece ones show what the pieces cost and
-# how fast the tile runs without them (their loss carries the tensor cores' bias, as one cuBLAS GEMM's does).
+# Hopper's (register and shared-memory counts from ptxas for sm_90, Triton 3.8; none spills, with or without the
+# options). The exact ones (PIECE_K > 0) hold two float32 tiles, the piece and the total: 128 x 128 in 8 warps is
+# 2 x 64 registers a thread (254 in all); 128 x 256 would be 2 x 128 and spill. 64 x 128 in 4 warps (255 registers,
+# 96 KiB) fits two programs on an SM, one's MMAs running through the other's epilogue and piece ends. The one-piece
+# ones (p0) show what the pieces cost and how fast the tile runs without them; their loss carries the tensor cores'
+# bias, as one cuBLAS GEMM's does. "-tma": operands loaded by the TMA (tensor descriptors) instead of pointers.
 CONFIGS = dict((
     _config(128, 128, 64, 512, 8, 4),
     _config(128, 128, 64, 512, 8, 3),
     _config(128, 128, 64, 1024, 8, 4),
     _config(128, 128, 64, 256, 8, 4),
+    _config(64, 128, 64, 512, 4, 4, resident=2),
     _config(128, 128, 64, 0, 8, 4),
     _config(128, 256, 64, 0, 8, 3),
+    _config(128, 128, 64, 512, 8, 4, tma=True),
+    _config(128, 128, 64, 512, 8, 3, tma=True),
+    _config(64, 128, 64, 512, 4, 4, tma=True, resident=2),
+    _config(128, 128, 64, 0, 8, 4, tma=True),
+    _config(128, 256, 64, 0, 8, 3, tma=True),
 ))
 DEFAULT_CONFIG = "m128n128k64p512w8s4"
-INTERPRET_CONFIG = "m32n64k32p64w4s1"  # small tiles: several tiles, K steps and pieces even at test sizes
-CONFIGS.update((_config(32, 64, 32, 64, 4, 1), _config(16, 32, 16, 32, 4, 1)))
+# The interpreter's (CPU tests): small tiles, so that several tiles, K steps, pieces and splits occur at test sizes.
+INTERPRET_CONFIG = "m32n64k32p64w4s1"
+CONFIGS.update((_config(32, 64, 32, 64, 4, 1), _config(16, 32, 16, 32, 4, 1), _config(32, 64, 32, 64, 4, 1, True)))
 
 _MAX_SPLITS = 64
 _GPU_DTYPES = (torch.bfloat16, torch.float16)
@@ -63,6 +81,17 @@ def supports(input: torch.Tensor, weight: torch.Tensor) -> bool:
     which is not exact; the slab path's cuBLAS GEMM serves float32), at least one vocabulary column."""
     return input.dtype in _GPU_DTYPES and weight.dtype == input.dtype and weight.shape[0] > 0 \
         and input.shape[1] > 0 and input.shape[1] == weight.shape[1]
+
+
+def _tma_here(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the TMA configurations can take these operands here (else they run with pointer loads): Hopper or newer
+    (or the interpreter), Triton's host-side tensor descriptors, rows of unit stride, 16-byte aligned."""
+    if TensorDescriptor is None:
+        return False
+    if input.device.type == "cuda" and torch.cuda.get_device_capability(input.device)[0] < 9:
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (input, weight))
 
 
 def choose_config(device: torch.device) -> str:
@@ -93,7 +122,7 @@ def plan(rows: int, vocab: int, device: torch.device, config: str | None = None,
     ``choose_splits``'s."""
     cfg = CONFIGS[config or choose_config(device)]
     row_tiles, column_tiles = triton.cdiv(rows, cfg.kwargs["BLOCK_M"]), triton.cdiv(vocab, cfg.kwargs["BLOCK_N"])
-    sms = _sms(device)
+    sms = _sms(device) * cfg.kwargs["RESIDENT"]
     splits = min(num_splits or choose_splits(row_tiles, column_tiles, sms), column_tiles)
     split_len = triton.cdiv(column_tiles, splits) * cfg.kwargs["BLOCK_N"]
     splits = triton.cdiv(vocab, split_len)
@@ -106,7 +135,7 @@ def _scalars(softcap: float) -> tuple[float, float]:
 
 
 def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: int, stats, spec: LossSpec = PLAIN, *,
-                 config: str | None = None, num_splits: int | None = None, partials=None) -> None:
+                 config: str | None = None, num_splits: int | None = None, partials=None):
     """``shard_stats`` of the logits ``input @ weight.T + bias``, never written: ``stats`` ``[N, 5]`` float32
     contiguous gets each row's (m, s, x'_t, sum x', r) over the columns of ``weight`` (the ids ``[vocab_start,
     vocab_start + V)``), as ``shard_stats`` defines them.
@@ -114,7 +143,8 @@ def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: i
     input [N, D] and weight [V, D] bf16/fp16 of one dtype (``supports``), any strides; bias None or [V] any float
     dtype, contiguous; targets [N] int32/int64 (whole-vocabulary ids, or ``ignore_index``). ``config``: a name in
     ``CONFIGS`` (default ``choose_config``); ``num_splits`` overrides ``choose_splits`` (tests); ``partials``: a
-    ``[N, splits, 5]`` float32 buffer for the splits' records (tests poison it), else allocated here."""
+    ``[N, splits, 5]`` float32 buffer for the splits' records (tests poison it), else allocated here. Returns the
+    launched kernel (probes read its registers and spills), or None when there was nothing to launch."""
     rows, dim = input.shape
     vocab = weight.shape[0]
     if rows == 0:
@@ -136,14 +166,19 @@ def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: i
     softcap, softcap_k = _scalars(spec.softcap)
     bias = bias.contiguous() if bias is not None else None
     pieces = 0 < piece_k < dim
-    _linear_stats_kernel[(row_tiles * splits,)](
-        input, input.stride(0), input.stride(1), weight, weight.stride(0), weight.stride(1),
+    tma = cfg.kwargs["TMA"] and _tma_here(input, weight)
+    x_arg, w_arg = input, weight
+    if tma:
+        x_arg = TensorDescriptor(input, [rows, dim], [input.stride(0), 1], [block_m, block_k])
+        w_arg = TensorDescriptor(weight, [vocab, dim], [weight.stride(0), 1], [block_n, block_k])
+    kernel = _linear_stats_kernel[(row_tiles * splits,)](
+        x_arg, input.stride(0), input.stride(1), w_arg, weight.stride(0), weight.stride(1),
         bias if bias is not None else weight, targets, targets.stride(0), parts,
         rows, vocab, dim, split_len, splits, group_m, vocab_start, ignore_index, softcap, softcap_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PIECE_STEPS=piece_k // block_k if pieces else 0,
         EVEN_K=dim % block_k == 0, HAS_BIAS=bias is not None, SOFTCAP=spec.softcap != 0.0,
-        SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, INTERPRET=input.device.type != "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, TMA=tma, INTERPRET=input.device.type != "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _merge_stats_kernel[(rows,)](parts, stats, NUM_PARTS=splits, PARTS_POW2=triton.next_power_of_2(splits),
-                                     SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, INTERPRET=input.device.type != "cuda", num_warps=1)
+                                     SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, TMA=tma, INTERPRET=input.device.type != "cuda", num_warps=1)

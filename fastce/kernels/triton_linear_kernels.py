@@ -45,9 +45,10 @@ def _fold_tile(x, col_ok, run_max, run_sum, run_sum_x, run_r, SUM_X: tl.constexp
 
 @triton.jit
 def _linear_stats_kernel(
-    x_ptr,  # *[N, D] bf16/fp16: the input rows
+    x_ptr,  # *[N, D] bf16/fp16: the input rows (TMA: its tensor descriptor, blocks [BLOCK_M, BLOCK_K])
     stride_xn, stride_xk,
-    w_ptr,  # *[V, D] of the input's dtype: the weight, its rows the ids [vocab_start, vocab_start + V)
+    w_ptr,  # *[V, D] of the input's dtype: the weight, its rows the ids [vocab_start, vocab_start + V) (TMA: its
+    # tensor descriptor, blocks [BLOCK_N, BLOCK_K])
     stride_wv, stride_wk,
     bias_ptr,  # *[V] any float dtype; unused unless HAS_BIAS
     targets_ptr,  # *[N] int32/int64, whole-vocabulary ids or ignore_index
@@ -63,6 +64,7 @@ def _linear_stats_kernel(
     PIECE_STEPS: tl.constexpr,  # K steps per exact piece (PIECE_K / BLOCK_K); 0: one piece
     EVEN_K: tl.constexpr,  # D % BLOCK_K == 0: no mask over K
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUM_X: tl.constexpr, SUM_PX: tl.constexpr,
+    TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (Hopper's TMA; the strides then unused)
     INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
 ):
     # Launch order: groups of group_m row tiles x every split, row tile fastest, so that the programs running at once
@@ -78,10 +80,14 @@ def _linear_stats_kernel(
 
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
-    x_rows = x_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_xn  # rows past N read row 0
+    if not TMA:
+        x_rows = x_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_xn  # rows past N read row 0
     targets = tl.load(targets_ptr + tl.where(row_ok, rows, 0).to(tl.int64) * stride_t, mask=row_ok,
                       other=ignore_index).to(tl.int64)
-    local_t = targets - vocab_start  # the target's column in this weight (none matches when it lies elsewhere)
+    # The target's column in this weight, -1 when it lies elsewhere: int32, one compare an element. Tiles never cross
+    # a split's end (splits are whole tiles), so only the last tile of V has columns past hi, and none is below V.
+    local_t = targets - vocab_start
+    local_t = tl.where((local_t >= 0) & (local_t < vocab), local_t, -1).to(tl.int32)
 
     lo = split * split_len
     hi = tl.minimum(lo + split_len, vocab)
@@ -105,14 +111,18 @@ def _linear_stats_kernel(
         kk = tl.where(kk == k_steps - 1, 0, kk + 1)
         col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
         cols = col0 + rn
-        w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv  # past hi: read column lo
-        offs_k = kk * BLOCK_K + rk
-        if EVEN_K:
-            a = tl.load(x_rows + offs_k[None, :] * stride_xk)
-            b = tl.load(w_cols + offs_k[None, :] * stride_wk)
+        if TMA:  # tensor-memory-accelerator copies: rows, columns and K past the tensors' ends read as 0
+            a = x_ptr.load([row_tile * BLOCK_M, kk * BLOCK_K])
+            b = w_ptr.load([col0, kk * BLOCK_K])
         else:
-            a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
-            b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
+            w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv  # past hi: column lo
+            offs_k = kk * BLOCK_K + rk
+            if EVEN_K:
+                a = tl.load(x_rows + offs_k[None, :] * stride_xk)
+                b = tl.load(w_cols + offs_k[None, :] * stride_wk)
+            else:
+                a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
+                b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
         if INTERPRET:  # Triton's interpreter multiplies bf16 as the integers it stores them in: exact float32 instead
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -133,7 +143,7 @@ def _linear_stats_kernel(
             if SOFTCAP:
                 logits, _slope = _softcapped(logits, softcap, softcap_k)
             x = tl.where(col_ok[None, :], logits, -float("inf"))
-            hit = (cols[None, :] == local_t[:, None]) & col_ok[None, :]
+            hit = cols[None, :] == local_t[:, None]
             run_xt += tl.sum(tl.where(hit, x, 0.0), axis=1)
             run_max, run_sum, run_sum_x, run_r = _fold_tile(x, col_ok, run_max, run_sum, run_sum_x, run_r, SUM_X,
                                                             SUM_PX)
