@@ -299,7 +299,7 @@ def fused(h, w, t, reps, log):
             row(f"linear_stats_impl, FUSED_FORWARD={flag}", forward, lambda: result["stats"])
         finally:
             linear.FUSED_FORWARD = False
-    chosen = triton_linear.plan(rows, vocab, h.device)[0]
+    chosen = triton_linear.plan(rows, vocab, h.device, triton_linear.DEFAULT_CONFIG, None, dim)[0]
     runs = [(name, None) for name in triton_linear.CONFIGS if triton_linear.CONFIGS[name].kwargs["BLOCK_M"] >= 64]
     runs += [(triton_linear.DEFAULT_CONFIG, s) for s in sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})]
     for name, splits in runs:
@@ -314,7 +314,7 @@ def fused(h, w, t, reps, log):
             log(f"  fused {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
             continue
         k = kernel["k"]
-        used = triton_linear.plan(rows, vocab, h.device, name, splits)[0]
+        used = triton_linear.plan(rows, vocab, h.device, name, splits, dim)[0]
         extra = f"  splits {used}, regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}"
         row(f"fused {name}", launch, lambda: out, extra)
 

@@ -41,7 +41,8 @@ def _inputs(N, D, V, dtype, device, bias=True, seed=0):
 def _run(x, w, b, t, spec, vocab_start=0, ignore_index=-100, **kwargs):
     """The launcher on poisoned outputs: the merged [N, 5] statistics, every record written."""
     N, V = x.shape[0], w.shape[0]
-    splits, _, _ = triton_linear.plan(N, V, x.device, kwargs.get("config"), kwargs.get("num_splits"))
+    splits, _, _ = triton_linear.plan(N, V, x.device, kwargs.get("config"), kwargs.get("num_splits"), x.shape[1],
+                                      x.element_size())
     out = fstats.empty_stats((N,), x.device)
     partials = fstats.empty_stats((N, splits), x.device) if splits > 1 else None
     triton_linear.linear_stats(x, w, b, t, vocab_start, ignore_index, out, spec, partials=partials, **kwargs)
@@ -158,11 +159,16 @@ def test_linear_cross_entropy_with_fused_forward(device, option, monkeypatch):
 
 
 def test_splits_fill_the_waves():
-    assert triton_linear.choose_splits(56, 1002, 132) == 7  # 7165 x 128256 in 128 x 128 tiles on an H100
-    assert triton_linear.choose_splits(8, 64, 132) == 16  # 1024 x 8192: one wave of 128 programs
-    assert triton_linear.choose_splits(3, 1, 132) == 1
-    for row_tiles, column_tiles in ((1, 5), (56, 1002), (512, 2004), (2, 3)):
-        assert 1 <= triton_linear.choose_splits(row_tiles, column_tiles, 132) <= column_tiles
+    mib = 1 << 20  # a 128-row tile of D = 4096 in bf16
+    assert triton_linear.choose_splits(56, 1002, 132, mib) == 7  # 7165 x 128256 in 128 x 128 tiles on an H100
+    assert triton_linear.choose_splits(64, 1002, 132, mib) == 6  # not 2 (one wave, but 64 MiB of input tiles at once)
+    assert triton_linear.choose_splits(64, 1002, 132, 0) == 2
+    assert triton_linear.choose_splits(8, 64, 132, mib) == 16  # 1024 x 8192: one wave of 128 programs
+    assert triton_linear.choose_splits(3, 1, 132, mib) == 1
+    for row_tiles, column_tiles in ((1, 5), (56, 1002), (512, 2004), (2, 3), (400, 3)):
+        splits = triton_linear.choose_splits(row_tiles, column_tiles, 132, mib)
+        assert 1 <= splits <= column_tiles
+        assert row_tiles * mib <= 24 * mib or splits == column_tiles or -(-132 // splits) * mib <= 24 * mib
 
 
 # GPU: a model's width, where the tensor cores' bias shows. cuBLAS's GEMM in pieces of 4096 / 2048 / 1024 products was

@@ -10,12 +10,16 @@ Nothing is autotuned at a call: ``choose_config`` returns ``DEFAULT_CONFIG`` on 
 H100 with ``benchmarks/probe_linear.py``'s part "fused") and ``INTERPRET_CONFIG`` in Triton's interpreter;
 ``linear_stats(..., config=name)`` runs any other.
 
-**Splits.** Programs are (row tile, split) pairs, each split a range of whole BLOCK_N tiles. ``choose_splits`` picks
-the number S that minimises the time of the busiest SM, ``ceil(row_tiles * S / SMs) * ceil(column_tiles / S)`` in
-tiles (wave quantisation and the unequal last split together), fewest splits on ties: at 7165 x 128256 with 128 x 128
-tiles on 132 SMs, 56 row tiles and 1002 column tiles give S = 7, 392 programs in 3 waves, 98.4% of the SMs' time busy
-(S = 2, one wave of 112 programs, would leave 15% of the SMs idle). ``group_m`` row tiles x S splits make a group of
-the launch order, about one wave of programs.
+**Splits.** Programs are (row tile, split) pairs, each split a range of whole BLOCK_N tiles; the launch order runs
+``group_m`` = SMs / S row tiles x all S splits as a group, about one wave: its programs read each weight tile at
+about the same time (the weight comes from memory ``row_tiles / group_m`` times), and each its input tile once per
+column tile, so the group's ``group_m`` input tiles (BLOCK_M x D each) must stay in L2: at most ``_L2_INPUT_BYTES``,
+which bounds S from below when there are many row tiles. Within that, the busiest SM's time in tiles is
+``ceil(row_tiles * S / SMs) * ceil(column_tiles / S)`` (wave quantisation and the unequal last split together), and
+``choose_splits`` takes the fewest splits within 2% of the best such time (the fewer, the fewer reads of the weight).
+At 7165 x 4096 x 128256 with 128 x 128 tiles on 132 SMs (56 row tiles of 1 MiB, 1002 column tiles): S >= 6, and
+S = 7: 392 programs in 3 waves, 98.4% of the SMs' time busy (S = 2, one wave of 112 programs, would leave 15% idle
+and hold 66 MiB of input tiles), groups of 19 row tiles, the weight read 3 times (3 GB).
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ INTERPRET_CONFIG = "m32n64k32p64w4s1"
 CONFIGS.update((_config(32, 64, 32, 64, 4, 1), _config(16, 32, 16, 32, 4, 1), _config(32, 64, 32, 64, 4, 1, True)))
 
 _MAX_SPLITS = 64
+_SPLITS_SLACK = 1.02  # fewer splits at up to 2% more of the busiest SM's time: fewer reads of the weight from memory
+_L2_INPUT_BYTES = 24 << 20  # a launch group's input tiles, read again at every column tile: half the H100's L2
 _GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -100,14 +106,14 @@ def choose_config(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_splits(row_tiles: int, column_tiles: int, sms: int) -> int:
-    """Vocabulary splits per row tile (see the module's docstring)."""
-    best, best_time = 1, math.inf
-    for splits in range(1, min(column_tiles, _MAX_SPLITS) + 1):
-        time = -(-row_tiles * splits // sms) * -(-column_tiles // splits)
-        if time < best_time:
-            best, best_time = splits, time
-    return best
+def choose_splits(row_tiles: int, column_tiles: int, sms: int, row_tile_bytes: int = 0) -> int:
+    """Vocabulary splits per row tile (see the module's docstring); ``row_tile_bytes``: one input tile's."""
+    fewest = 1
+    if row_tiles * row_tile_bytes > _L2_INPUT_BYTES:
+        fewest = -(-sms * row_tile_bytes // _L2_INPUT_BYTES)
+    candidates = range(min(fewest, column_tiles, _MAX_SPLITS), min(column_tiles, _MAX_SPLITS) + 1)
+    times = [-(-row_tiles * splits // sms) * -(-column_tiles // splits) for splits in candidates]
+    return next(splits for splits, time in zip(candidates, times) if time <= min(times) * _SPLITS_SLACK)
 
 
 def _sms(device: torch.device) -> int:
@@ -116,14 +122,15 @@ def _sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan(rows: int, vocab: int, device: torch.device, config: str | None = None, num_splits: int | None = None
-         ) -> tuple[int, int, int]:
-    """(splits, columns per split, group_m) of a launch; ``num_splits``: about that many splits instead of
-    ``choose_splits``'s."""
+def plan(rows: int, vocab: int, device: torch.device, config: str | None = None, num_splits: int | None = None,
+         dim: int = 0, elem: int = 2) -> tuple[int, int, int]:
+    """(splits, columns per split, group_m) of a launch over ``rows`` x ``dim`` inputs of ``elem`` bytes;
+    ``num_splits``: about that many splits instead of ``choose_splits``'s."""
     cfg = CONFIGS[config or choose_config(device)]
     row_tiles, column_tiles = triton.cdiv(rows, cfg.kwargs["BLOCK_M"]), triton.cdiv(vocab, cfg.kwargs["BLOCK_N"])
     sms = _sms(device) * cfg.kwargs["RESIDENT"]
-    splits = min(num_splits or choose_splits(row_tiles, column_tiles, sms), column_tiles)
+    splits = min(num_splits or choose_splits(row_tiles, column_tiles, sms, cfg.kwargs["BLOCK_M"] * dim * elem),
+                 column_tiles)
     split_len = triton.cdiv(column_tiles, splits) * cfg.kwargs["BLOCK_N"]
     splits = triton.cdiv(vocab, split_len)
     return splits, split_len, max(1, min(row_tiles, triton.cdiv(sms, splits)))
@@ -155,7 +162,7 @@ def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: i
     cfg = CONFIGS[config or choose_config(input.device)]
     block_m, block_n, block_k, piece_k = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PIECE_K"))
     row_tiles = triton.cdiv(rows, block_m)
-    splits, split_len, group_m = plan(rows, vocab, input.device, config, num_splits)
+    splits, split_len, group_m = plan(rows, vocab, input.device, config, num_splits, dim, input.element_size())
     if splits == 1:
         parts = stats
     elif partials is not None:
