@@ -51,12 +51,14 @@ def _config(block_m, block_n, block_k, piece_k, num_warps, num_stages, tma=False
                                 "TMA": tma, "RESIDENT": resident}, num_warps=num_warps, num_stages=num_stages)
 
 
-# Hopper's (register and shared-memory counts from ptxas for sm_90, Triton 3.8; none spills, with or without the
-# options). The exact ones (PIECE_K > 0) hold two float32 tiles, the piece and the total: 128 x 128 in 8 warps is
-# 2 x 64 registers a thread (254 in all); 128 x 256 would be 2 x 128 and spill. 64 x 128 in 4 warps (255 registers,
-# 96 KiB) fits two programs on an SM, one's MMAs running through the other's epilogue and piece ends. The one-piece
-# ones (p0) show what the pieces cost and how fast the tile runs without them; their loss carries the tensor cores'
-# bias, as one cuBLAS GEMM's does. "-tma": operands loaded by the TMA (tensor descriptors) instead of pointers.
+# Hopper's. Registers and shared memory from ptxas for sm_90 (Triton 3.8), plain / with every option: the exact ones
+# (PIECE_K > 0) hold two float32 tiles, the piece and the total (2 x 64 registers a thread at 128 x 128 in 8 warps):
+# 254 / 255 with pointer loads, 166 / 255 with the TMA; 128 x 256 would need 2 x 128 and spill. The 64 x 128 ones in
+# 4 warps (96 KiB, <= 255 registers) fit two programs on an SM, one's MMAs running through the other's epilogue and
+# piece ends; with the TMA and 3 stages (72 KiB, 166 registers), three. The one-piece ones (p0) show what the pieces
+# cost and how fast the tile runs without them; their loss carries the tensor cores' bias, as one cuBLAS GEMM's does
+# (128 x 256 spills with the options on: a speed reference for the plain loss only). None other spills (at most one
+# spilled register, in the epilogue). "-tma": operands loaded by the TMA (tensor descriptors) instead of pointers.
 CONFIGS = dict((
     _config(128, 128, 64, 512, 8, 4),
     _config(128, 128, 64, 512, 8, 3),
@@ -68,6 +70,7 @@ CONFIGS = dict((
     _config(128, 128, 64, 512, 8, 4, tma=True),
     _config(128, 128, 64, 512, 8, 3, tma=True),
     _config(64, 128, 64, 512, 4, 4, tma=True, resident=2),
+    _config(64, 128, 64, 512, 4, 3, tma=True, resident=3),
     _config(128, 128, 64, 0, 8, 4, tma=True),
     _config(128, 256, 64, 0, 8, 3, tma=True),
 ))

@@ -129,11 +129,12 @@ def _linear_stats_kernel(
         acc = tl.dot(a, tl.trans(b), acc)
         if PIECE_STEPS > 0:
             if (kk % PIECE_STEPS == PIECE_STEPS - 1) | (kk == k_steps - 1):  # a piece is done: add it exactly
-                total = tl.where(kk < PIECE_STEPS, 0.0, total) + acc  # the tile's first piece starts the total
+                total += acc
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if kk == k_steps - 1:  # the tile's logits are done: fold them into the rows' statistics
             if PIECE_STEPS > 0:
                 logits = total
+                total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             else:
                 logits = acc
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
