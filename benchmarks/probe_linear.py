@@ -301,7 +301,8 @@ def fused(h, w, t, reps, log):
             linear.FUSED_FORWARD = False
     chosen = triton_linear.plan(rows, vocab, h.device, triton_linear.DEFAULT_CONFIG, None, dim)[0]
     runs = [(name, None) for name in triton_linear.CONFIGS if triton_linear.CONFIGS[name].kwargs["BLOCK_M"] >= 64]
-    runs += [(triton_linear.DEFAULT_CONFIG, s) for s in sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})]
+    others = sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})
+    runs += [(triton_linear.DEFAULT_CONFIG, s) for s in others]
     for name, splits in runs:
         kernel = {}
 
@@ -323,7 +324,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x128256")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: phases,e2e,tune,profile,precision,fused")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: phases,e2e,tune,profile,precision,fused")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_linear.py needs a CUDA GPU")

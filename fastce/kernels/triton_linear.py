@@ -187,8 +187,9 @@ def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: i
         rows, vocab, dim, split_len, splits, group_m, vocab_start, ignore_index, softcap, softcap_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PIECE_STEPS=piece_k // block_k if pieces else 0,
         EVEN_K=dim % block_k == 0, HAS_BIAS=bias is not None, SOFTCAP=spec.softcap != 0.0,
-        SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, TMA=tma, INTERPRET=input.device.type != "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, TMA=tma, INTERPRET=input.device.type != "cuda",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _merge_stats_kernel[(rows,)](parts, stats, NUM_PARTS=splits, PARTS_POW2=triton.next_power_of_2(splits),
-                                     SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, TMA=tma, INTERPRET=input.device.type != "cuda", num_warps=1)
+                                     SUM_X=spec.needs_sum_x, SUM_PX=spec.needs_sum_px, num_warps=1)

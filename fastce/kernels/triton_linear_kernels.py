@@ -13,10 +13,19 @@ into the per-row (max, sum of exps, target logit, sum x', sum exp(x' - m)(x' - m
 shrunk towards zero by ~3.7e-6 of |x| (benchmarks/NOTES.md, row 20), the loss 1.1e-6 off float64. So the K loop
 accumulates each piece of PIECE_K products in its own ``tl.dot`` accumulator and adds the finished piece into a
 float32 total with an ordinary (round-to-nearest) add on the CUDA cores, as DeepSeek-V3 promotes its FP8 sums. The
-bias then grows with PIECE_K, not with K. Cost: a second [BLOCK_M, BLOCK_N] float32 tile in registers (64 more per
-thread at 128 x 128 and 8 warps: why the exact configurations stop at 128 x 128), and at each piece's end a wait for
-the in-flight MMA and one add per element (one in PIECE_K / BLOCK_K steps). PIECE_STEPS = 0: one piece (the plain
+bias then grows with PIECE_K, not with K (cuBLAS in pieces of 1024 products: 2.7e-7 off float64 at D = 4096).
+Cost: a second [BLOCK_M, BLOCK_N] float32 tile in registers (64 more a thread at 128 x 128 in 8 warps: why the exact
+configurations stop at 128 x 128), and at each piece's end the tensor cores idle while the warps wait for the last
+MMA, add the piece (64 adds a thread) and zero its registers (64 moves: the reset is also the next MMA's
+accumulate flag, but the registers are materialised): ~200 instructions a thread every PIECE_K / BLOCK_K steps, read
+from sm_90 SASS, so perhaps 5-10% at PIECE_K = 512 with one program an SM (the configurations with two or three
+programs an SM run one's MMAs through the other's piece ends and epilogues). PIECE_STEPS = 0: one piece (the plain
 GEMM's accumulation, and its bias).
+
+Written for Triton's Hopper pipeline (checked on Triton 3.8's TTGIR and SASS for sm_90): the accumulator is reset
+inside the piece's ``if``, which keeps one MMA in flight across steps (a ``tl.where`` on the dot's input made every
+step wait for its MMA), and only scalars besides the tiles and the row statistics cross iterations (a column-index
+vector in the MMA's layout is 32 registers, kept once per pipeline stage: it spilled).
 """
 from __future__ import annotations
 
