@@ -2,6 +2,7 @@
 
     python benchmarks/probe_linear.py                               # GPU: 8192x4096x128256, 1/8 of targets ignored
     python benchmarks/probe_linear.py --shapes 8192x4096x32000 --reps 5
+    python benchmarks/probe_linear.py --skip phases,e2e,tune,profile,precision   # part 6 alone: the fused forward
 
 1. Phases: each phase of ``fastce/linear.py`` alone, over every slab of one call on the kept rows, timed with CUDA
    events (median of reps): the forward's float32-output GEMM (beside a bf16-output one), its statistics kernel per
@@ -17,6 +18,11 @@
 5. Precision: the float32 logits of ``torch.mm(..., out_dtype=torch.float32)`` against float64 (signed bias towards
    zero, RMS), and the mean loss over the kept rows from them, from logits whose K = D sum is split in two (an
    ``addmm`` into the first half's float32 result), and from float32 logits with the target's logit exact.
+6. Fused (``--skip fused`` to leave it out): the forward as one Triton kernel (``fastce/kernels/triton_linear.py``:
+   GEMM tiles whose epilogue takes the row statistics) on the kept rows, alone, for each of its configurations (and
+   the default one with other split counts), beside cuBLAS's single GEMM (bf16 and float32 out) and the forward as
+   ``linear_stats_impl`` runs it with ``FUSED_FORWARD`` off (float32 slabs in K pieces + statistics) and on; for
+   each, the mean loss's relative error against float64, and the kernel's registers and spills.
 """
 from __future__ import annotations
 
@@ -249,11 +255,77 @@ def precision(h, w, t, log):
             log(f"  loss from {name:30s} relative error {(value - ref) / ref:+.3e}")
 
 
+def _loss_float64(h, w, t):
+    """Sum over rows of the float64 loss of ``h @ w.T`` against ``t`` (no ignored rows), in row chunks."""
+    rows = max(1, (1 << 29) // (w.shape[0] * 8))
+    w64, total = w.double(), 0.0
+    for lo in range(0, h.shape[0], rows):
+        logits = h[lo:lo + rows].double() @ w64.t()
+        total += float((logits.logsumexp(-1) - logits.gather(1, t[lo:lo + rows, None])[:, 0]).sum())
+    return total
+
+
+def _loss_of(stats, t, vocab):
+    from fastce.stats import finish
+    losses, _ = finish(stats, t, vocab, -100, PLAIN)
+    return float(losses.double().sum())
+
+
+def fused(h, w, t, reps, log):
+    from fastce.kernels import triton_linear
+
+    rows, dim = h.shape
+    vocab = w.shape[0]
+    flop = 2 * rows * dim * vocab
+    ref = _loss_float64(h, w, t)
+    out = torch.empty(rows, 5, device=h.device)
+
+    def row(name, fn, stats=None, extra=""):
+        fn()
+        torch.cuda.synchronize()
+        ms = timed(fn, reps)
+        err = "" if stats is None else f"  loss rel err {(_loss_of(stats(), t, vocab) - ref) / ref:+.2e}"
+        log(f"  {name:44s} {ms:8.3f} ms {flop / ms / 1e9:6.0f} TFLOP/s{err}{extra}")
+
+    row("cuBLAS GEMM, bf16 out", lambda: torch.mm(h, w.t()))
+    row("cuBLAS GEMM, float32 out", lambda: torch.mm(h, w.t(), out_dtype=torch.float32))
+    for flag in (False, True):
+        linear.FUSED_FORWARD = flag
+        try:
+            result = {}
+
+            def forward():
+                result["stats"] = linear.linear_stats_impl(h, w, None, t, -100, "triton")
+            row(f"linear_stats_impl, FUSED_FORWARD={flag}", forward, lambda: result["stats"])
+        finally:
+            linear.FUSED_FORWARD = False
+    chosen = triton_linear.plan(rows, vocab, h.device, triton_linear.DEFAULT_CONFIG, None, dim)[0]
+    runs = [(name, None) for name in triton_linear.CONFIGS if triton_linear.CONFIGS[name].kwargs["BLOCK_M"] >= 64]
+    others = sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})
+    runs += [(triton_linear.DEFAULT_CONFIG, s) for s in others]
+    for name, splits in runs:
+        kernel = {}
+
+        def launch(name=name, splits=splits):
+            kernel["k"] = triton_linear.linear_stats(h, w, None, t, 0, -100, out, PLAIN, config=name,
+                                                     num_splits=splits)
+        try:
+            launch()
+        except Exception as exc:  # a configuration this GPU or Triton cannot compile: say so, go on
+            log(f"  fused {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        k = kernel["k"]
+        used = triton_linear.plan(rows, vocab, h.device, name, splits, dim)[0]
+        extra = f"  splits {used}, regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}"
+        row(f"fused {name}", launch, lambda: out, extra)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x128256")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: phases,e2e,tune,profile,precision")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: phases,e2e,tune,profile,precision,fused")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_linear.py needs a CUDA GPU")
@@ -277,6 +349,9 @@ def main(argv=None):
                 profile(h, w, t, print, backend)
         if "precision" not in skip:
             precision(h, w, t, print)
+        if "fused" not in skip:
+            kept = t != -100
+            fused(h[kept], w, t[kept], args.reps, print)
         del h, w, t
         torch.cuda.empty_cache()
     return 0

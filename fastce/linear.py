@@ -6,6 +6,8 @@ by slab:
 * forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding; on tensor cores in
   pieces of K, see ``_EXACT_K``), reduced at once to its rows' partial statistics by the kernels' ``shard_stats``;
   ``fastce/stats.py`` merges them into each row's statistics, whence the losses. Nothing of size V survives the slab.
+  With ``FUSED_FORWARD`` (off until measured), the Triton backend's forward is one kernel instead
+  (``fastce/kernels/triton_linear.py``): GEMM tiles whose epilogue takes the statistics, no logits in memory.
 * backward, three GEMMs: each slab's float32 logits again; the epilogue (``shard_grad``) turns them into the gradient
   of the logits in the weight's dtype (rounded once, from float32 logits), scaled per row by the upstream gradient;
   then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32 accumulation, one rounding, no
@@ -20,6 +22,8 @@ Both phases are custom ops (``fastce::linear_stats``, ``fastce::linear_grads``),
 opaque nodes. This module knows nothing of shifting, reductions' divisors or transformers: ``linear_loss.py`` does.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -122,13 +126,36 @@ def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi
     return logits.unsqueeze(0)
 
 
+FUSED_FORWARD = False  # True: the Triton backend's forward is one kernel, GEMM tiles + statistics (_fused_forward)
+
+
+def _fused_forward(input: Tensor, weight: Tensor, backend: str) -> bool:
+    """Whether ``linear_stats_impl`` takes ``fastce/kernels/triton_linear.py``'s kernel: ``FUSED_FORWARD`` on, the
+    Triton backend, bf16/fp16 operands of one dtype, on a GPU or in Triton's interpreter (CPU tensors with
+    TRITON_INTERPRET=1)."""
+    if not FUSED_FORWARD or backend != "triton":
+        return False
+    if input.device.type != "cuda" and not (input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    from .kernels import triton_linear
+
+    return triton_linear.supports(input, weight)
+
+
 def linear_stats_impl(input: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
                       backend: str, softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
                       stats: bool = False, vocab_start: int = 0) -> Tensor:
-    """``[N, 5]`` merged statistics (fastce/stats.py) of the rows of ``input @ weight.T + bias``, slab by slab. The
-    weight's rows are the vocabulary ids ``[vocab_start, vocab_start + V)`` (a shard of a larger vocabulary)."""
+    """``[N, 5]`` merged statistics (fastce/stats.py) of the rows of ``input @ weight.T + bias``, slab by slab (or in
+    one kernel that never writes the logits: ``FUSED_FORWARD``). The weight's rows are the vocabulary ids
+    ``[vocab_start, vocab_start + V)`` (a shard of a larger vocabulary)."""
     spec = LossSpec(softcap, label_smoothing, z_loss, stats)
     rows, vocab = input.shape[0], weight.shape[0]
+    if rows and _fused_forward(input, weight, backend):
+        from .kernels import triton_linear
+
+        merged = torch.empty((rows, _stats.STATS_FIELDS), dtype=torch.float32, device=input.device)
+        triton_linear.linear_stats(input, weight, bias, targets, vocab_start, ignore_index, merged, spec)
+        return merged
     parts = []
     for lo, hi in _slabs(rows, input.shape[1], vocab, 4):
         logits = _slab_logits(input, weight, bias, lo, hi, exact=True)

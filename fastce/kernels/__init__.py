@@ -55,6 +55,10 @@ indices are 64-bit.
               else 0, sum_j exp(x'_j - m) (x'_j - m) if ``spec.stats`` else 0). Ignored rows: (-inf, 0, 0, 0, 0), the
               identity of the merge.
 
+Triton only, in ``triton_linear``: ``linear_stats(input, weight, bias, targets, vocab_start, ignore_index, stats,
+spec=PLAIN)`` is ``shard_stats`` of the logits ``input @ weight.T + bias`` (the fused lm_head's forward), computed tile
+by tile in a GEMM's epilogue and never written.
+
 ``shard_grad(logits, targets, vocab_start, vocab_size, ignore_index, row, grad, spec=PLAIN) -> None``
     logits, targets, vocab_start as in ``shard_stats``; ``vocab_size`` is V, the whole row's length.
     row       [B, T, 3] float32 contiguous: (m, s, scale) of each whole row -- the merged statistics, and the factor
