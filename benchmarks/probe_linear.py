@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -42,20 +41,14 @@ from fastce import linear  # noqa: E402
 from fastce.shard_ops import run_shard_grad, run_shard_stats  # noqa: E402
 from fastce.spec import LossSpec  # noqa: E402
 from bench_linear_cross_entropy import make_inputs  # noqa: E402
+from bench_linear_cross_entropy import timed as bench_timed  # noqa: E402
 
 PLAIN = LossSpec(0.0, 0.0, 0.0)
+CUDA = torch.device("cuda")
 
 
 def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return bench_timed(fn, reps, CUDA)
 
 
 def phases(h, w, t, reps, log):
