@@ -12,7 +12,7 @@ import torch
 from fastce.kernels import cuda_ce
 from fastce.spec import PLAIN
 
-from cuda_checks import (IGNORE, OPTIONS, SHAPES, check, check_spec, cuda_ops, gpu, labels, path,  # noqa: F401
+from cuda_checks import (IGNORE, OPTIONS, SHAPES, check, check_spec, cuda_ops, gpu, labels, ops, path,  # noqa: F401
                          run, run_spec, small_case)
 from helpers import random_logits, requires_cuda
 

@@ -6,8 +6,8 @@ with ``triton_kernels._merge_stats_kernel`` (a fixed order: deterministic). Know
 
 **Configurations** (``CONFIGS``, ``triton.Config``s named by their parameters): BLOCK_M x BLOCK_N output tiles, BLOCK_K
 steps, PIECE_K products per exact piece (0: one piece, the plain GEMM's biased sums), warps and pipeline stages.
-Nothing is autotuned at a call: ``choose_config`` returns ``DEFAULT_CONFIG`` on a GPU (a choice to be confirmed on the
-H100 with ``benchmarks/probe_linear.py``'s part "fused") and ``INTERPRET_CONFIG`` in Triton's interpreter;
+Nothing is autotuned at a call: ``choose_config`` returns ``DEFAULT_CONFIG`` on a GPU (the fastest exact one on the
+H100 in ``benchmarks/probe_linear.py``'s part "fused") and ``INTERPRET_CONFIG`` in Triton's interpreter;
 ``linear_stats(..., config=name)`` runs any other.
 
 **Splits.** Programs are (row tile, split) pairs, each split a range of whole BLOCK_N tiles; the launch order runs
@@ -74,7 +74,9 @@ CONFIGS = dict((
     _config(128, 128, 64, 0, 8, 4, tma=True),
     _config(128, 256, 64, 0, 8, 3, tma=True),
 ))
-DEFAULT_CONFIG = "m128n128k64p512w8s4"
+# Measured on the H100 (benchmarks/NOTES.md, row 22): the fastest exact configuration, 12.55 ms at 7165 x 4096 x
+# 128256 (600 TFLOP/s; cuBLAS's bf16 GEMM 9.66 ms), the pointer-load one 16.38 ms. Without the TMA here, pointer loads.
+DEFAULT_CONFIG = "m128n128k64p512w8s4-tma"
 # The interpreter's (CPU tests): small tiles, so that several tiles, K steps, pieces and splits occur at test sizes.
 INTERPRET_CONFIG = "m32n64k32p64w4s1"
 CONFIGS.update((_config(32, 64, 32, 64, 4, 1), _config(16, 32, 16, 32, 4, 1), _config(32, 64, 32, 64, 4, 1, True)))
