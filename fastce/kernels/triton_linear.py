@@ -183,7 +183,7 @@ def linear_stats(input, weight, bias, targets, vocab_start: int, ignore_index: i
     if tma:
         x_arg = TensorDescriptor(input, [rows, dim], [input.stride(0), 1], [block_m, block_k])
         w_arg = TensorDescriptor(weight, [vocab, dim], [weight.stride(0), 1], [block_n, block_k])
-    kernel = _linear_stats_kernel[(row_tiles * splits,)](
+    _linear_stats_kernel[(row_tiles * splits,)](
         x_arg, input.stride(0), input.stride(1), w_arg, weight.stride(0), weight.stride(1),
         bias if bias is not None else weight, targets, targets.stride(0), parts,
         rows, vocab, dim, split_len, splits, group_m, vocab_start, ignore_index, softcap, softcap_k,
