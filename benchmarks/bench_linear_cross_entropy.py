@@ -10,7 +10,8 @@ with CUDA events; the peak memory above the inputs during one call (gradients in
 errors against float64 (the loss's relative error; the relative L2 error of grad_input and grad_weight), beside those
 of plain PyTorch in bf16 on the same inputs.
 
-Implementations: ``fastce`` (``backend="auto"``) and ``fastce-<backend>`` for each available backend,
+Implementations: ``fastce`` (``backend="auto"``) and ``fastce-<backend>`` for each available backend (on a GPU also
+``fastce-triton-fused-forward``: Triton with ``fastce.linear.FUSED_FORWARD`` on),
 ``fastce-logits`` (``F.linear`` then fastce's logits kernel), ``eager`` (``F.linear`` then transformers'
 ``ForCausalLMLoss`` on the aligned targets), ``liger`` (``LigerFusedLinearCrossEntropyLoss``), ``cce`` (Apple's
 ``cut_cross_entropy.linear_cross_entropy``) when
@@ -57,6 +58,19 @@ def _fastce(backend):
     return lambda h, w, t: fastce.linear_cross_entropy(h, w, t, backend=backend)
 
 
+def _fused_forward(fn):
+    """``fn`` with ``fastce.linear.FUSED_FORWARD`` on during the call: the forward as one Triton kernel (NOTES row 22)."""
+    from fastce import linear
+
+    def call(h, w, t):
+        linear.FUSED_FORWARD = True
+        try:
+            return fn(h, w, t)
+        finally:
+            linear.FUSED_FORWARD = False
+    return call
+
+
 def _fastce_logits(h, w, t):
     return fastce.cross_entropy(F.linear(h, w), t)
 
@@ -84,6 +98,8 @@ def implementations(device) -> dict:
     impls = {"fastce": _fastce("auto")}  # what a user gets; then each backend by name
     for backend in fastce.available_backends():
         impls[f"fastce-{backend}"] = _fastce(backend)
+    if device.type == "cuda" and "triton" in fastce.available_backends():
+        impls["fastce-triton-fused-forward"] = _fused_forward(_fastce("triton"))
     impls["fastce-logits"] = _fastce_logits
     impls["eager"] = _eager
     for name, make in (("liger", _liger), ("cce", _cce)):

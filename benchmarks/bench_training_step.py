@@ -11,7 +11,8 @@ the median step time over ``--steps`` steps after ``--warmup`` steps, and the pe
 allocated before it (weights and optimizer states), with the loss of the first step (the modes must agree).
 
 Modes: ``stock`` (transformers' ``ForCausalLMLoss``), ``fastce`` (``fastce.patch_model(model)``: the logits kernel),
-``fused`` (``fastce.patch_model(model, fuse_lm_head=True)``: the logits are never held), ``liger``
+``fused`` (``fastce.patch_model(model, fuse_lm_head=True)``: the logits are never held), ``fused-kernel`` (the same
+with ``fastce.linear.FUSED_FORWARD = True``: the forward as one Triton kernel, benchmarks/NOTES.md row 22), ``liger``
 (``liger_kernel``'s ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with its other kernels off, so
 that only the loss differs). Results: ``<out>/<slug>-training-step.{md,json}``.
 """
@@ -31,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("stock", "fastce", "fused", "liger")
+MODES = ("stock", "fastce", "fused", "fused-kernel", "liger")
 GiB = 1 << 30
 
 
@@ -51,10 +52,12 @@ def build(mode: str, device, vocab: int, layers: int, hidden: int):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda"
                                                      else torch.float32)
-    if mode in ("fastce", "fused"):
+    if mode in ("fastce", "fused", "fused-kernel"):
         import fastce
+        from fastce import linear
 
-        fastce.patch_model(model, fuse_lm_head=mode == "fused")
+        linear.FUSED_FORWARD = mode == "fused-kernel"  # each mode runs in its own process
+        fastce.patch_model(model, fuse_lm_head=mode != "fastce")
     return model.train()
 
 
