@@ -59,7 +59,8 @@ def _fastce(backend):
 
 
 def _fused_forward(fn):
-    """``fn`` with ``fastce.linear.FUSED_FORWARD`` on during the call: the forward as one Triton kernel (NOTES row 22)."""
+    """``fn`` with ``fastce.linear.FUSED_FORWARD`` on during the call: the forward as one Triton kernel (NOTES,
+    row 22)."""
     from fastce import linear
 
     def call(h, w, t):

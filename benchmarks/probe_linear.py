@@ -10,7 +10,8 @@
    and a cast follows), the grad_weight GEMM, and grad_input's accumulation three ways (a float32 ``mm`` then
    ``add_``, a mixed-dtype ``addmm`` into the accumulator, a bf16 ``mm`` without any accumulation for scale).
 2. End to end: ``fastce.linear_cross_entropy`` forward + backward per backend, with grad_input's accumulation as it
-   was (``mm`` + ``add_``) and as it is, with slabs of 128 MiB (before), of the adaptive size and of 256 MiB; time and peak memory above the inputs.
+   was (``mm`` + ``add_``) and as it is, with slabs of 128 MiB (before), of the adaptive size and of 256 MiB; time
+   and peak memory above the inputs.
 3. Tuning (``--skip`` it to save time): the Triton statistics and epilogue kernels on float32 slabs of the kept rows,
    over slab widths and launch configurations (BLOCK_V, warps), each over as many slabs as cover V.
 4. Profile: one call under ``torch.profiler``: GPU time per kind of kernel (GEMMs, statistics, epilogue, the rest),

@@ -84,7 +84,8 @@ def _check(input, weight, bias, targets, name, vocab_size, num_items_in_batch, i
     facts = call_facts(weight.shape[0], targets.shape, vocab_size, ignore_index, reduction, spec,
                        hidden=weight.shape[1], input_grad=input_grad)
     return Call(input=input.reshape(-1, input.shape[-1]), weight=weight, bias=bias, targets=flat, divisor=divisor,
-                ignore_index=ignore_index, facts=facts, backend=resolve_linear_backend(backend, input), shape=targets.shape)
+                ignore_index=ignore_index, facts=facts, backend=resolve_linear_backend(backend, input),
+                shape=targets.shape)
 
 
 def _sharded_loss(call: Call, shard: Shard, reduce: bool, validate: bool, spec: LossSpec, reduce_input_grad: bool):
