@@ -264,3 +264,34 @@ def test_gpu_linear_cross_entropy_with_fused_backward(device, monkeypatch):
     gx, gw, _ = _float64_grads(x, w, None, lambda lg: cross_entropy_reference(lg, t).sum() / int((t != -100).sum()))
     for i, ref in enumerate((gx, gw)):
         assert _rel_err(grads[True][i], ref) <= 1.1 * _rel_err(grads[False][i], ref) + 1e-6
+
+
+@pytest.mark.parametrize("device", CPU)
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_linear_grads_impl_fused_matches_slab_path(device, option, monkeypatch):
+    """``linear_grads_impl`` for a vocabulary shard (ids [100, 100 + V) of V + 250), per-row scales (0 and negative
+    among them), ignored rows, a target in another shard: FUSED_BACKWARD on and off give the same gradients to bf16
+    rounding (twice the interpreter's truncation), and the fused one the float64 gradient of the shard's logits."""
+    options = OPTIONS[option]
+    N, D, V, start, total = 37, 56, 600, 100, 850
+    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device)
+    t += start
+    t[[3, 20]] = -100
+    t[4] = 5  # in another shard
+    scale = torch.linspace(-1.0, 2.0, N)
+    scale[7] = 0.0
+    logits = linear_logits_reference(x, w, b)
+    other = torch.randn(N, total - V, dtype=torch.float64) * 2  # the other shards' logits
+    whole = torch.cat((other[:, :start], logits, other[:, start:]), dim=1)
+    row = _rows(whole, scale, options.get("softcap"))
+    monkeypatch.setattr(flinear, "_SLAB_BYTES", 1)
+    grads = {}
+    for flag in (False, True):
+        monkeypatch.setattr(flinear, "FUSED_BACKWARD", flag)
+        grads[flag] = flinear.linear_grads_impl(x, w, b, t, row, -100, "triton", True, True, True,
+                                                vocab_start=start, vocab_size=total, **options)
+    dlogits = _expected(whole, t, scale, options)[:, start:start + V]
+    refs = {"input": dlogits @ w.double(), "weight": dlogits.t() @ x.double(), "bias": dlogits.sum(0)}
+    for name, got, slab in zip(refs, grads[True], grads[False]):
+        err, err_slab = _rel_err(got, refs[name]), _rel_err(slab, refs[name])
+        assert err <= 2 * err_slab + 1e-5, f"grad of {name}: fused {err:.3g}, slab path {err_slab:.3g}"
