@@ -2,7 +2,8 @@
 
     python benchmarks/probe_linear.py                               # GPU: 8192x4096x128256, 1/8 of targets ignored
     python benchmarks/probe_linear.py --shapes 8192x4096x32000 --reps 5
-    python benchmarks/probe_linear.py --skip phases,e2e,tune,profile,precision   # part 6 alone: the fused forward
+    python benchmarks/probe_linear.py --skip phases,e2e,tune,profile,precision   # parts 6, 7: the fused kernels
+    python benchmarks/probe_linear.py --skip phases,e2e,tune,profile,precision,fused   # part 7 alone
 
 1. Phases: each phase of ``fastce/linear.py`` alone, over every slab of one call on the kept rows, timed with CUDA
    events (median of reps): the forward's float32-output GEMM (beside a bf16-output one), its statistics kernel per
@@ -24,6 +25,12 @@
    the default one with other split counts), beside cuBLAS's single GEMM (bf16 and float32 out) and the forward as
    ``linear_stats_impl`` runs it with ``FUSED_FORWARD`` off (float32 slabs in K pieces + statistics) and on; for
    each, the mean loss's relative error against float64 and the splits it ran with.
+7. Fused-grad (``--skip fused-grad`` to leave it out): the backward's logits GEMM with the gradient in its epilogue
+   as one Triton kernel (``fastce/kernels/triton_linear_grad.py``) on the kept rows, alone over the whole vocabulary
+   for each of its configurations (and the default one over ``FUSED_BACKWARD``'s slabs), beside cuBLAS's single GEMM
+   (bf16 and float32 out) and what it replaces: float32 slab GEMM + Triton ``shard_grad`` over the slabs; then
+   ``linear_grads_impl`` (both gradients) with ``FUSED_BACKWARD`` off and on. For each gradient, its relative error
+   (Frobenius) against float64 on the first 256 rows.
 """
 from __future__ import annotations
 
@@ -310,12 +317,79 @@ def fused(h, w, t, reps, log):
         row(f"fused {name}", launch, lambda: out, extra)
 
 
+def fused_grad(h, w, t, reps, log):
+    from fastce.kernels import triton_linear_grad
+
+    rows, dim = h.shape
+    vocab = w.shape[0]
+    flop = 2 * rows * dim * vocab
+    stats = linear.linear_stats_impl(h, w, None, t, -100, "triton")
+    row = torch.cat((stats[:, :2], torch.full((rows, 1), 1.0 / rows, device=h.device)), dim=1).contiguous()
+    probe = min(rows, 256)  # the float64 gradient of the first rows
+    logits64 = h[:probe].double() @ w.double().t()
+    ref = torch.softmax(logits64, -1)
+    ref[torch.arange(probe, device=h.device), t[:probe]] -= 1
+    ref /= rows
+    del logits64
+
+    def err(grad, extra=""):  # read after the timed runs
+        return lambda: f"  grad rel err {float((grad[:probe].double() - ref).norm() / ref.norm()):.3e}{extra}"
+
+    def row_(name, fn, extra=lambda: ""):
+        fn()
+        torch.cuda.synchronize()
+        ms = timed(fn, reps)
+        log(f"  {name:52s} {ms:8.3f} ms {flop / ms / 1e9:6.0f} TFLOP/s{extra()}")
+
+    row_("cuBLAS GEMM, bf16 out", lambda: torch.mm(h, w.t()))
+    row_("cuBLAS GEMM, float32 out", lambda: torch.mm(h, w.t(), out_dtype=torch.float32))
+    old = list(linear._slabs(rows, dim, vocab, 4 + w.element_size()))
+    new = list(linear._slabs(rows, dim, vocab, w.element_size()))
+    full = torch.empty(rows, vocab, dtype=w.dtype, device=h.device)
+    row3, t3 = row.unsqueeze(0), t.unsqueeze(0)
+
+    def slab_path():
+        for lo, hi in old:
+            logits = linear._slab_logits(h, w, None, lo, hi)
+            run_shard_grad(logits, t3, lo, vocab, -100, row3, full[:, lo:hi].unsqueeze(0), "triton", PLAIN)
+    row_(f"float32 GEMM + shard_grad, {len(old)} slabs of {old[0][1]}", slab_path, err(full))
+    default = triton_linear_grad.DEFAULT_CONFIG
+
+    def over_slabs():
+        for lo, hi in new:
+            triton_linear_grad.linear_grad(h, w[lo:hi], None, t, row, lo, vocab, -100, full[:, lo:hi], PLAIN)
+    row_(f"fused {default}, {len(new)} slabs of {new[0][1]}", over_slabs, err(full))
+    for name in [n for n, c in triton_linear_grad.CONFIGS.items() if c.kwargs["BLOCK_M"] >= 64]:
+        def launch(name=name):
+            triton_linear_grad.linear_grad(h, w, None, t, row, 0, vocab, -100, full, PLAIN, config=name)
+        try:
+            launch()
+        except Exception as exc:  # a configuration this GPU or Triton cannot compile: say so, go on
+            log(f"  fused-grad {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        splits = triton_linear_grad.plan(rows, vocab, h.device, name, None, dim)[0]
+        row_(f"fused-grad {name}", launch, err(full, f"  splits {splits}"))
+    ref_input = ref @ w.double()
+    for flag in (False, True):
+        linear.FUSED_BACKWARD = flag
+        try:
+            result = {}
+
+            def backward():
+                result["g"] = linear.linear_grads_impl(h, w, None, t, row, -100, "triton", True, True, False)
+            row_(f"linear_grads_impl, FUSED_BACKWARD={flag}", backward)
+        finally:
+            linear.FUSED_BACKWARD = False
+        got = result["g"][0][:probe].double()
+        log(f"    grad_input[:{probe}] rel err vs float64: {float((got - ref_input).norm() / ref_input.norm()):.3e}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x128256")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: phases,e2e,tune,profile,precision,fused")
+                        help="comma-separated parts to skip: phases,e2e,tune,profile,precision,fused,fused-grad")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_linear.py needs a CUDA GPU")
@@ -342,6 +416,9 @@ def main(argv=None):
         if "fused" not in skip:
             kept = t != -100
             fused(h[kept], w, t[kept], args.reps, print)
+        if "fused-grad" not in skip:
+            kept = t != -100
+            fused_grad(h[kept], w, t[kept], args.reps, print)
         del h, w, t
         torch.cuda.empty_cache()
     return 0

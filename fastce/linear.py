@@ -12,7 +12,9 @@ by slab:
   of the logits in the weight's dtype (rounded once, from float32 logits), scaled per row by the upstream gradient;
   then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32 accumulation, one rounding, no
   round-off growing with the number of slabs) and ``grad_input += dlogits @ weight[slab]`` into a float32
-  accumulator (in the GEMM's epilogue where the device has a mixed-dtype ``addmm``).
+  accumulator (in the GEMM's epilogue where the device has a mixed-dtype ``addmm``). With ``FUSED_BACKWARD`` (off
+  until measured), the Triton backend's first GEMM and the epilogue are one kernel
+  (``fastce/kernels/triton_linear_grad.py``): no float32 slab, so slabs of the gradient alone, 3x wider.
 
 So the memory above the inputs is the gradients plus one slab and an ``[N, D]`` float32 accumulator, and a gradient
 is exact for any upstream gradient, per-token losses included. The price is the forward GEMM done twice (4 GEMMs in
@@ -126,14 +128,15 @@ def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi
     return logits.unsqueeze(0)
 
 
-FUSED_FORWARD = False  # True: the Triton backend's forward is one kernel, GEMM tiles + statistics (_fused_forward)
+FUSED_FORWARD = False  # True: the Triton backend's forward is one kernel, GEMM tiles + statistics (_fused)
+FUSED_BACKWARD = False  # True: its backward's logits GEMM writes the gradient in its epilogue (off until measured)
 
 
-def _fused_forward(input: Tensor, weight: Tensor, backend: str) -> bool:
-    """Whether ``linear_stats_impl`` takes ``fastce/kernels/triton_linear.py``'s kernel: ``FUSED_FORWARD`` on, the
-    Triton backend, bf16/fp16 operands of one dtype, on a GPU or in Triton's interpreter (CPU tensors with
-    TRITON_INTERPRET=1)."""
-    if not FUSED_FORWARD or backend != "triton":
+def _fused(flag: bool, input: Tensor, weight: Tensor, backend: str) -> bool:
+    """Whether a phase takes its fused Triton kernel (``fastce/kernels/triton_linear.py``, ``triton_linear_grad.py``):
+    its ``flag`` on, the Triton backend, bf16/fp16 operands of one dtype, on a GPU or in Triton's interpreter (CPU
+    tensors with TRITON_INTERPRET=1)."""
+    if not flag or backend != "triton":
         return False
     if input.device.type != "cuda" and not (input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -150,7 +153,7 @@ def linear_stats_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
     ``[vocab_start, vocab_start + V)`` (a shard of a larger vocabulary)."""
     spec = LossSpec(softcap, label_smoothing, z_loss, stats)
     rows, vocab = input.shape[0], weight.shape[0]
-    if rows and _fused_forward(input, weight, backend):
+    if rows and _fused(FUSED_FORWARD, input, weight, backend):
         from .kernels import triton_linear
 
         merged = torch.empty((rows, _stats.STATS_FIELDS), dtype=torch.float32, device=input.device)
@@ -206,21 +209,27 @@ def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
     targets3 = targets.unsqueeze(0)
     in_place = weight.dtype == torch.float32
     casts = getattr(kernels(backend), "SHARD_GRAD_CASTS", True)  # else: the epilogue in place, then a cast
+    fused = rows > 0 and _fused(FUSED_BACKWARD, input, weight, backend)  # no float32 slab: only the gradient's
     buffer = None
-    for lo, hi in _slabs(rows, input.shape[1], vocab, 4 + (0 if in_place else weight.element_size())):
-        logits = _slab_logits(input, weight, bias, lo, hi)
-        if in_place:
-            grad = logits
-        else:  # the gradient in the weight's dtype, for the GEMMs; one buffer for every slab
-            if buffer is None:
-                buffer = torch.empty(logits.numel(), dtype=weight.dtype, device=logits.device)
-            grad = buffer[:logits.numel()].view(logits.shape)
-        if in_place or casts:
-            run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, grad, backend, spec)
+    elem = weight.element_size() if fused else 4 + (0 if in_place else weight.element_size())
+    for lo, hi in _slabs(rows, input.shape[1], vocab, elem):
+        if buffer is None:  # the gradient in the weight's dtype, for the GEMMs; one buffer for every slab
+            buffer = input.new_empty(0) if in_place else weight.new_empty(rows * (hi - lo))
+        if fused:  # one kernel: the logits GEMM, the gradient in its epilogue
+            from .kernels import triton_linear_grad
+
+            grad = buffer[:rows * (hi - lo)].view(1, rows, hi - lo)
+            triton_linear_grad.linear_grad(input, weight[lo:hi], None if bias is None else bias[lo:hi], targets, row,
+                                           vocab_start + lo, total, ignore_index, grad[0], spec)
         else:
-            run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, logits, backend, spec)
-            grad.copy_(logits)
-        del logits
+            logits = _slab_logits(input, weight, bias, lo, hi)
+            grad = logits if in_place else buffer[:logits.numel()].view(logits.shape)
+            if in_place or casts:
+                run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, grad, backend, spec)
+            else:
+                run_shard_grad(logits, targets3, vocab_start + lo, total, ignore_index, row3, logits, backend, spec)
+                grad.copy_(logits)
+            del logits
         dlogits = grad[0]
         if need_weight:
             torch.mm(dlogits.t(), input, out=grad_weight[lo:hi])

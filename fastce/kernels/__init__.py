@@ -67,4 +67,9 @@ by tile in a GEMM's epilogue and never written.
               gradient, unless the module sets ``SHARD_GRAD_CASTS = False``), ``stride(-1) == 1``; it may be
               ``logits`` itself (same dtype): ``scale * grad_j`` (as above, for the columns of this range), 0 on
               ignored rows.
+
+Triton only, in ``triton_linear_grad``: ``linear_grad(input, weight, bias, targets, row, vocab_start, vocab_size,
+ignore_index, grad, spec=PLAIN)`` is ``shard_grad`` of the logits ``input @ weight.T + bias`` into ``grad`` ``[N, Vs]``
+(bf16/fp16, unit column stride, any row stride; its other columns untouched), computed tile by tile in the epilogue
+of the GEMM (the fused lm_head's backward), the logits never written.
 """

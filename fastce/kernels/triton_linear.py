@@ -128,10 +128,11 @@ def _sms(device: torch.device) -> int:
 
 
 def plan(rows: int, vocab: int, device: torch.device, config: str | None = None, num_splits: int | None = None,
-         dim: int = 0, elem: int = 2) -> tuple[int, int, int]:
+         dim: int = 0, elem: int = 2, configs: dict | None = None) -> tuple[int, int, int]:
     """(splits, columns per split, group_m) of a launch over ``rows`` x ``dim`` inputs of ``elem`` bytes;
-    ``num_splits``: about that many splits instead of ``choose_splits``'s."""
-    cfg = CONFIGS[config or choose_config(device)]
+    ``num_splits``: about that many splits instead of ``choose_splits``'s; ``configs``: where ``config`` is named
+    (the backward's kernel passes its own)."""
+    cfg = (configs or CONFIGS)[config or choose_config(device)]
     row_tiles, column_tiles = triton.cdiv(rows, cfg.kwargs["BLOCK_M"]), triton.cdiv(vocab, cfg.kwargs["BLOCK_N"])
     sms = _sms(device) * cfg.kwargs["RESIDENT"]
     splits = min(num_splits or choose_splits(row_tiles, column_tiles, sms, cfg.kwargs["BLOCK_M"] * dim * elem),

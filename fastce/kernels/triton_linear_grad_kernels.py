@@ -1,0 +1,122 @@
+"""The fused lm_head's backward logits GEMM as one Triton kernel: GEMM tiles of ``input @ weight.T (+ bias)`` whose
+epilogue turns each tile of float32 logits into the gradient of the logits (contract: ``shard_grad`` in
+``fastce/kernels/__init__.py``) and stores it in the weight's dtype, so that no float32 logit is ever written. The
+launcher and its configurations are in ``triton_linear_grad.py``.
+
+The forward sibling's structure (``triton_linear_kernels.py``): a program owns BLOCK_M rows and a *split* (a range of
+whole BLOCK_N tiles), one flat loop walks its tiles and, within each, K in BLOCK_K steps, so that the software
+pipeline runs across tile boundaries; the launch order groups row tiles so that their input tiles and the weight tiles
+stay in L2. Unlike the forward there are no exact K pieces: the gradient is rounded to bf16/fp16 anyway, so one
+``tl.dot`` accumulator (which lets 128 x 256 tiles fit in registers). At a tile's last K step: the bias, then
+``triton_blocks._grad_of_logits`` (softcap and its slope, p = exp(x' - lse), the one-hot and smoothing
+coefficients, the z-loss term, the row's scale; LEAN exp) with the target's one-hot term as a compare and select per
+element (the LEAN shard kernel's "write the target once more afterwards" has no place in a register tile). Ignored
+rows get 0; rows past N and columns past the slab are not written.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_blocks import _grad_of_logits
+
+
+@triton.jit
+def _linear_grad_kernel(
+    x_ptr,  # *[N, D] bf16/fp16: the input rows (TMA: its tensor descriptor, blocks [BLOCK_M, BLOCK_K])
+    stride_xn, stride_xk,
+    w_ptr,  # *[Vs, D] of the input's dtype: the weight slab, its rows the ids [vocab_start, vocab_start + Vs) (TMA:
+    # its tensor descriptor, blocks [BLOCK_N, BLOCK_K])
+    stride_wv, stride_wk,
+    bias_ptr,  # *[Vs] any float dtype; unused unless HAS_BIAS
+    targets_ptr,  # *[N] int32/int64, whole-vocabulary ids or ignore_index
+    stride_t,
+    row_ptr,  # *[N, 3] fp32 contiguous: (m, s, scale) of each whole row
+    grad_ptr,  # *[N, Vs] bf16/fp16 out, unit column stride (TMA_STORE: its tensor descriptor, blocks [BLOCK_M, BLOCK_N])
+    stride_gn,
+    num_rows, vocab, dim,  # N, Vs, D
+    split_len,  # columns per split, a multiple of BLOCK_N
+    num_splits,
+    group_m,  # row tiles per group of the launch order
+    vocab_start, ignore_index,
+    softcap, softcap_k, smoothing_per_class, target_coefficient, z_loss,  # as triton_ce._options
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # D % BLOCK_K == 0: no mask over K
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr,
+    TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (Hopper's TMA; the strides then unused)
+    TMA_STORE: tl.constexpr,  # grad_ptr is a tensor descriptor too (it clips rows and columns past its ends)
+    INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
+):
+    # Launch order as the forward's: groups of group_m row tiles x every split, row tile fastest.
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(num_rows, BLOCK_M)
+    per_group = group_m * num_splits
+    first = (pid // per_group) * group_m
+    size = tl.minimum(row_tiles - first, group_m)
+    row_tile = first + (pid % per_group) % size
+    split = (pid % per_group) // size
+
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    if not TMA:
+        x_rows = x_ptr + safe_rows[:, None] * stride_xn  # rows past N read row 0
+    targets = tl.load(targets_ptr + safe_rows * stride_t, mask=row_ok, other=ignore_index).to(tl.int64)
+    # The target's column in this slab, -1 when it lies elsewhere (another slab, or outside the vocabulary: then the
+    # gradient has no one-hot term, as the contract says).
+    local_t = targets - vocab_start
+    local_t = tl.where((local_t >= 0) & (local_t < vocab), local_t, -1).to(tl.int32)
+    kept = row_ok & (targets != ignore_index)
+    row_max = tl.load(row_ptr + safe_rows * 3, mask=kept, other=0.0)
+    row_sum = tl.load(row_ptr + safe_rows * 3 + 1, mask=kept, other=1.0)
+    scale = tl.load(row_ptr + safe_rows * 3 + 2, mask=kept, other=0.0)
+    lse = row_max + tl.log(row_sum)
+    z_factor = 2.0 * z_loss * lse
+    if not TMA_STORE:
+        g_rows = grad_ptr + safe_rows[:, None] * stride_gn
+
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, vocab)
+    k_steps = tl.cdiv(dim, BLOCK_K)
+    steps = tl.cdiv(hi - lo, BLOCK_N) * k_steps
+    rk = tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    col0 = lo - BLOCK_N  # only scalars cross iterations besides the tile (see the forward's kernel)
+    kk = -1
+    for _step in range(0, steps):
+        kk = tl.where(kk == k_steps - 1, 0, kk + 1)
+        col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
+        cols = col0 + rn
+        if TMA:  # rows, columns and K past the tensors' ends read as 0
+            a = x_ptr.load([row_tile * BLOCK_M, kk * BLOCK_K])
+            b = w_ptr.load([col0, kk * BLOCK_K])
+        else:
+            w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv  # past hi: column lo
+            offs_k = kk * BLOCK_K + rk
+            if EVEN_K:
+                a = tl.load(x_rows + offs_k[None, :] * stride_xk)
+                b = tl.load(w_cols + offs_k[None, :] * stride_wk)
+            else:
+                a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
+                b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
+        if INTERPRET:  # Triton's interpreter multiplies bf16 as the integers it stores them in: exact float32 instead
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        if kk == k_steps - 1:  # the tile's logits are done: their gradient, stored in the weight's dtype
+            logits = acc
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            col_ok = cols < hi
+            if HAS_BIAS:
+                logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            grad = _grad_of_logits(logits, cols[None, :] == local_t[:, None], lse[:, None], scale[:, None],
+                                   z_factor[:, None], target_coefficient, smoothing_per_class, softcap, softcap_k,
+                                   SOFTCAP, LABEL_SMOOTHING, Z_LOSS, True)
+            grad = tl.where(kept[:, None], grad, 0.0)
+            if TMA_STORE:
+                grad_ptr.store([row_tile * BLOCK_M, col0], grad.to(grad_ptr.dtype))
+            else:
+                tl.store(g_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
