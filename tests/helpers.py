@@ -93,3 +93,14 @@ def assert_loss_close(actual: torch.Tensor, expected64: torch.Tensor, rtol: floa
     assert actual.dtype == torch.float32
     a, e = actual.double().item(), expected64.item()
     assert abs(a - e) <= rtol * abs(e) + 1e-12, f"loss {a} vs float64 {e} (rel {abs(a - e) / max(abs(e), 1e-300):.3g})"
+
+
+def linear_inputs(N, D, V, dtype, device, bias=True, seed=0):
+    """(input [N, D], weight [V, D], bias [V] or None, targets [N]) of a fused lm_head, random from ``seed`` (made on
+    the CPU, so the same on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g).to(dtype).to(device)
+    w = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(dtype).to(device)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(device) if bias else None
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    return x, w, b, t

@@ -12,7 +12,7 @@ from fastce import stats as fstats
 from fastce.reference import cross_entropy_reference, linear_logits_reference, row_stats_reference
 from fastce.spec import LossSpec
 
-from helpers import assert_loss_close
+from helpers import assert_loss_close, linear_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -27,15 +27,6 @@ GPU = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 def _spec(options, stats=True):
     return LossSpec(options.get("softcap", 0.0), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), stats)
-
-
-def _inputs(N, D, V, dtype, device, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g).to(dtype).to(device)
-    w = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(dtype).to(device)
-    b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(device) if bias else None
-    t = torch.randint(0, V, (N,), generator=g).to(device)
-    return x, w, b, t
 
 
 def _run(x, w, b, t, spec, vocab_start=0, ignore_index=-100, **kwargs):
@@ -86,7 +77,7 @@ CASES = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_stats_match_float64(device, case, option):
     N, D, V, config, splits = CASES[case]
-    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device, bias=option == "all")
+    x, w, b, t = linear_inputs(N, D, V, torch.bfloat16, device, bias=option == "all")
     t[N // 2] = -100  # ignored
     if N > 3:
         t[1] = V + 2  # out of range: NaN loss, no target logit
@@ -101,7 +92,7 @@ def test_stats_match_float64(device, case, option):
 def test_targets_at_tile_and_split_edges(device):
     """Targets on the first and last column of tiles (64 columns) and splits, and the last column of V."""
     N, D, V = 24, 32, 640
-    x, w, b, t = _inputs(N, D, V, torch.float16, device)
+    x, w, b, t = linear_inputs(N, D, V, torch.float16, device)
     edges = torch.tensor([0, 63, 64, 127, 128, 191, 192, 255, 256, 319, 320, 383, 384, 447, 448, 511, 512, 575, 576,
                           638, 639, 639, 0, 1])
     t.copy_(edges)
@@ -115,7 +106,7 @@ def test_vocab_shards_merge_to_the_whole_row(device, option):
     """Two shards of the vocabulary (the weight's rows are the ids [vocab_start, vocab_start + V)), merged: targets
     in either shard, a custom ignore_index."""
     N, D, V, cut = 30, 48, 900, 333
-    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device, bias=True)
+    x, w, b, t = linear_inputs(N, D, V, torch.bfloat16, device, bias=True)
     t[3] = 7  # ignore_index below
     spec = _spec(OPTIONS[option])
     parts = [_run(x, w[lo:hi], b[lo:hi], t, spec, vocab_start=lo, ignore_index=7) for lo, hi in ((0, cut), (cut, V))]
@@ -125,7 +116,7 @@ def test_vocab_shards_merge_to_the_whole_row(device, option):
 @pytest.mark.parametrize("device", CPU)
 def test_strided_input_and_int32_targets(device):
     N, D, V = 20, 40, 200
-    base, w, b, t = _inputs(N, 2 * D, V, torch.bfloat16, device)
+    base, w, b, t = linear_inputs(N, 2 * D, V, torch.bfloat16, device)
     x = base[:, ::2]  # stride over K: 2
     w = torch.randn(D, V).to(torch.bfloat16).t()  # [V, D] with stride (1, V)
     t = torch.stack((t.int(), t.int()), dim=1)[:, 0]  # stride 2
@@ -144,7 +135,7 @@ def test_linear_cross_entropy_with_fused_forward(device, option, monkeypatch):
     monkeypatch.setattr(triton_linear, "linear_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     options = OPTIONS[option]
     N, D, V = 26, 40, 333
-    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device)
+    x, w, b, t = linear_inputs(N, D, V, torch.bfloat16, device)
     t[[2, 9]] = -100
     h, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = fastce.linear_cross_entropy(h, w, t, bias=b, backend="triton", **options)
@@ -203,7 +194,7 @@ def test_loss_exact_at_model_width(device, config, shape):
 def test_gpu_stats_match_float64(device, option, dtype):
     """Odd sizes on the GPU configuration: masked K (D = 1000), partial tiles, ignored and out-of-range targets."""
     N, D, V = 333, 1000, 5001
-    x, w, b, t = _inputs(N, D, V, dtype, device, bias=option == "all")
+    x, w, b, t = linear_inputs(N, D, V, dtype, device, bias=option == "all")
     t[[0, 100]] = -100
     t[5] = V
     t[6], t[7] = 0, V - 1
@@ -215,7 +206,7 @@ def test_gpu_stats_match_float64(device, option, dtype):
 def test_gpu_linear_cross_entropy_with_fused_forward(device, monkeypatch):
     monkeypatch.setattr(flinear, "FUSED_FORWARD", True)
     N, D, V = 1024, 4096, 8192
-    x, w, _, t = _inputs(N, D, V, torch.bfloat16, device, bias=False)
+    x, w, _, t = linear_inputs(N, D, V, torch.bfloat16, device, bias=False)
     t[::7] = -100
     loss = fastce.linear_cross_entropy(x, w, t, backend="triton")
     ref = cross_entropy_reference(linear_logits_reference(x, w), t).sum() / int((t != -100).sum())

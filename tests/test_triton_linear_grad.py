@@ -13,6 +13,8 @@ from fastce.reference import (cross_entropy_grad_reference, cross_entropy_refere
                               _capped)
 from fastce.spec import LossSpec
 
+from helpers import linear_inputs
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device or Triton's interpreter", allow_module_level=True)
@@ -27,15 +29,6 @@ GPU = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 def _spec(options):
     return LossSpec(options.get("softcap", 0.0), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
-
-
-def _inputs(N, D, V, dtype, device, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g).to(dtype).to(device)
-    w = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(dtype).to(device)
-    b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(device) if bias else None
-    t = torch.randint(0, V, (N,), generator=g).to(device)
-    return x, w, b, t
 
 
 def _rows(logits, scale, softcap):
@@ -95,7 +88,7 @@ def test_grad_matches_float64(device, case, option):
     N, D, V, config, splits, extra = CASES[case]
     options = OPTIONS[option]
     dtype = torch.float16 if case == "wide-K" else torch.bfloat16
-    x, w, b, t = _inputs(N, D, V, dtype, device, bias=option != "plain")
+    x, w, b, t = linear_inputs(N, D, V, dtype, device, bias=option != "plain")
     ignored = N - 2 if N > 3 else N // 2
     t[ignored] = -100
     scale = torch.linspace(-2.0, 3.0, N)
@@ -116,7 +109,7 @@ def test_slab_of_a_larger_vocabulary(device, option):
     tile edges), in another slab, a custom ignore_index; every slab's gradient is the whole row's columns."""
     N, D, V = 30, 48, 900
     options = OPTIONS[option]
-    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device)
+    x, w, b, t = linear_inputs(N, D, V, torch.bfloat16, device)
     t[:12] = torch.tensor([333, 334, 396, 397, 460, 899, 898, 332, 0, 7, 7, 461])
     scale = torch.full((N,), 0.5)
     logits = linear_logits_reference(x, w, b)
@@ -130,7 +123,7 @@ def test_slab_of_a_larger_vocabulary(device, option):
 @pytest.mark.parametrize("device", CPU)
 def test_strided_input_and_int32_targets(device):
     N, D, V = 20, 40, 200
-    base, _, b, t = _inputs(N, 2 * D, V, torch.bfloat16, device)
+    base, _, b, t = linear_inputs(N, 2 * D, V, torch.bfloat16, device)
     x = base[:, ::2]  # stride over K: 2
     w = torch.randn(D, V).to(torch.bfloat16).t()  # [V, D] with stride (1, V)
     t = torch.stack((t.int(), t.int()), dim=1)[:, 0]  # stride 2
@@ -188,7 +181,7 @@ def test_linear_cross_entropy_with_fused_backward(device, option, monkeypatch):
 
     # linear_cross_entropy, no bias, mean over the kept rows
     calls.clear()
-    x, w2, _, t = _inputs(26, 40, 333, torch.bfloat16, device, bias=False)
+    x, w2, _, t = linear_inputs(26, 40, 333, torch.bfloat16, device, bias=False)
     t[[2, 9]] = -100
     x, w2 = x.requires_grad_(), w2.requires_grad_()
     fastce.linear_cross_entropy(x, w2, t, backend="triton", **options).backward()
@@ -239,7 +232,7 @@ def test_gpu_grad_matches_float64(device, option, dtype):
     """Odd sizes on the GPU configuration: masked K (D = 1000), partial tiles, ignored and out-of-range targets."""
     N, D, V = 333, 1000, 5001
     options = OPTIONS[option]
-    x, w, b, t = _inputs(N, D, V, dtype, device, bias=option != "plain")
+    x, w, b, t = linear_inputs(N, D, V, dtype, device, bias=option != "plain")
     t[[0, 100]] = -100
     t[5] = V
     t[6], t[7] = 0, V - 1
@@ -274,7 +267,7 @@ def test_linear_grads_impl_fused_matches_slab_path(device, option, monkeypatch):
     rounding (twice the interpreter's truncation), and the fused one the float64 gradient of the shard's logits."""
     options = OPTIONS[option]
     N, D, V, start, total = 37, 56, 600, 100, 850
-    x, w, b, t = _inputs(N, D, V, torch.bfloat16, device)
+    x, w, b, t = linear_inputs(N, D, V, torch.bfloat16, device)
     t += start
     t[[3, 20]] = -100
     t[4] = 5  # in another shard
