@@ -2,14 +2,15 @@
 # One GPU session: build the extension, run the GPU tests, then the benchmarks, each step bounded in time; logs and
 # results go to $RES (default benchmarks/results), and, on the device tool's machines, also into $OUT/results.tgz
 # after every step (its $OUT returns few files, so one archive). Peer wheels (liger-kernel, cut-cross-entropy) are installed from
-# .whl/ when present (see the device tool's README for how they travel). Steps: STEPS="build tests linear options
-# step host logits" (default: all), e.g. STEPS="build tests" benchmarks/gpu_session.sh
+# .whl/ when present (see the device tool's README for how they travel). Steps: STEPS="build tests fused linear
+# options step host logits" (default: all), e.g. STEPS="build tests" benchmarks/gpu_session.sh. "fused": the fused
+# lm_head's Triton kernels alone (benchmarks/NOTES.md rows 22-23: probe_linear.py's parts "fused" and "fused-grad").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${RES:-benchmarks/results}"
 mkdir -p "$RES"
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; return 0; }
-STEPS="${STEPS:-build tests linear options step host logits}"
+STEPS="${STEPS:-build tests fused linear options step host logits}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -31,6 +32,11 @@ if has tests; then
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m "${MARK:-gpu}" \
     > "$RES/gpu-session-pytest.log" 2>&1
   tail -5 "$RES/gpu-session-pytest.log"
+fi
+pack
+if has fused; then
+  timeout 200 python3 benchmarks/probe_linear.py --skip phases,e2e,tune,profile,precision > "$RES/gpu-session-fused.log" 2>&1
+  grep -v -i warn "$RES/gpu-session-fused.log" | tail -40
 fi
 pack
 if has linear; then
