@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_blocks import _grad_of_logits
+from .triton_linear_kernels import _operand_tiles, _program_tile
 
 
 @triton.jit
@@ -47,18 +48,11 @@ def _linear_grad_kernel(
     TMA_STORE: tl.constexpr,  # grad_ptr is a tensor descriptor too (it clips rows and columns past its ends)
     INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
 ):
-    # Launch order as the forward's: groups of group_m row tiles x every split, row tile fastest.
-    pid = tl.program_id(0)
-    row_tiles = tl.cdiv(num_rows, BLOCK_M)
-    per_group = group_m * num_splits
-    first = (pid // per_group) * group_m
-    size = tl.minimum(row_tiles - first, group_m)
-    row_tile = first + (pid % per_group) % size
-    split = (pid % per_group) // size
-
+    row_tile, split = _program_tile(num_rows, num_splits, group_m, BLOCK_M)
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
     safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    x_rows = x_ptr  # TMA: unused
     if not TMA:
         x_rows = x_ptr + safe_rows[:, None] * stride_xn  # rows past N read row 0
     targets = tl.load(targets_ptr + safe_rows * stride_t, mask=row_ok, other=ignore_index).to(tl.int64)
@@ -89,21 +83,8 @@ def _linear_grad_kernel(
         kk = tl.where(kk == k_steps - 1, 0, kk + 1)
         col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
         cols = col0 + rn
-        if TMA:  # rows, columns and K past the tensors' ends read as 0
-            a = x_ptr.load([row_tile * BLOCK_M, kk * BLOCK_K])
-            b = w_ptr.load([col0, kk * BLOCK_K])
-        else:
-            w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv  # past hi: column lo
-            offs_k = kk * BLOCK_K + rk
-            if EVEN_K:
-                a = tl.load(x_rows + offs_k[None, :] * stride_xk)
-                b = tl.load(w_cols + offs_k[None, :] * stride_wk)
-            else:
-                a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
-                b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
-        if INTERPRET:  # Triton's interpreter multiplies bf16 as the integers it stores them in: exact float32 instead
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a, b = _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk,
+                              rk, dim, BLOCK_M, BLOCK_K, EVEN_K, TMA, INTERPRET)
         acc = tl.dot(a, tl.trans(b), acc)
         if kk == k_steps - 1:  # the tile's logits are done: their gradient, stored in the weight's dtype
             logits = acc

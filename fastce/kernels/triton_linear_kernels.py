@@ -53,6 +53,46 @@ def _fold_tile(x, col_ok, run_max, run_sum, run_sum_x, run_r, SUM_X: tl.constexp
 
 
 @triton.jit
+def _program_tile(num_rows, num_splits, group_m, BLOCK_M: tl.constexpr):
+    """(row tile, split) of this program. Launch order: groups of group_m row tiles x every split, row tile fastest, so
+    that the programs running at once share a few weight tiles (one per split, read by group_m programs at about the
+    same time) and group_m input tiles: both stay in L2. The forward's and the backward's kernels (both launched by
+    ``triton_linear.plan``'s numbers)."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(num_rows, BLOCK_M)
+    per_group = group_m * num_splits
+    first = (pid // per_group) * group_m
+    size = tl.minimum(row_tiles - first, group_m)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk, rk, dim,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """K step ``kk`` of the tile at (row_tile, col0): the input's [BLOCK_M, BLOCK_K] and the weight's [BLOCK_N, BLOCK_K]
+    operands. TMA: copies through the tensor descriptors x_ptr, w_ptr (rows, columns and K past the tensors' ends read
+    as 0); else pointer loads from the input's row pointers ``x_rows`` (rows past N read row 0) and the weight's
+    columns ``cols`` (past ``hi``: column ``lo``)."""
+    if TMA:
+        a = x_ptr.load([row_tile * BLOCK_M, kk * BLOCK_K])
+        b = w_ptr.load([col0, kk * BLOCK_K])
+    else:
+        w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv
+        offs_k = kk * BLOCK_K + rk
+        if EVEN_K:
+            a = tl.load(x_rows + offs_k[None, :] * stride_xk)
+            b = tl.load(w_cols + offs_k[None, :] * stride_wk)
+        else:
+            a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
+            b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
+    if INTERPRET:  # Triton's interpreter multiplies bf16 as the integers it stores them in: exact float32 instead
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def _linear_stats_kernel(
     x_ptr,  # *[N, D] bf16/fp16: the input rows (TMA: its tensor descriptor, blocks [BLOCK_M, BLOCK_K])
     stride_xn, stride_xk,
@@ -76,19 +116,10 @@ def _linear_stats_kernel(
     TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (Hopper's TMA; the strides then unused)
     INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
 ):
-    # Launch order: groups of group_m row tiles x every split, row tile fastest, so that the programs running at once
-    # share a few weight tiles (one per split, read by group_m programs at about the same time) and group_m input
-    # tiles: both stay in L2.
-    pid = tl.program_id(0)
-    row_tiles = tl.cdiv(num_rows, BLOCK_M)
-    per_group = group_m * num_splits
-    first = (pid // per_group) * group_m
-    size = tl.minimum(row_tiles - first, group_m)
-    row_tile = first + (pid % per_group) % size
-    split = (pid % per_group) // size
-
+    row_tile, split = _program_tile(num_rows, num_splits, group_m, BLOCK_M)
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
+    x_rows = x_ptr  # TMA: unused
     if not TMA:
         x_rows = x_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_xn  # rows past N read row 0
     targets = tl.load(targets_ptr + tl.where(row_ok, rows, 0).to(tl.int64) * stride_t, mask=row_ok,
@@ -120,21 +151,8 @@ def _linear_stats_kernel(
         kk = tl.where(kk == k_steps - 1, 0, kk + 1)
         col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
         cols = col0 + rn
-        if TMA:  # tensor-memory-accelerator copies: rows, columns and K past the tensors' ends read as 0
-            a = x_ptr.load([row_tile * BLOCK_M, kk * BLOCK_K])
-            b = w_ptr.load([col0, kk * BLOCK_K])
-        else:
-            w_cols = w_ptr + tl.where(cols < hi, cols, lo).to(tl.int64)[:, None] * stride_wv  # past hi: column lo
-            offs_k = kk * BLOCK_K + rk
-            if EVEN_K:
-                a = tl.load(x_rows + offs_k[None, :] * stride_xk)
-                b = tl.load(w_cols + offs_k[None, :] * stride_wk)
-            else:
-                a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < dim, other=0.0)
-                b = tl.load(w_cols + offs_k[None, :] * stride_wk, mask=offs_k[None, :] < dim, other=0.0)
-        if INTERPRET:  # Triton's interpreter multiplies bf16 as the integers it stores them in: exact float32 instead
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a, b = _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk,
+                              rk, dim, BLOCK_M, BLOCK_K, EVEN_K, TMA, INTERPRET)
         acc = tl.dot(a, tl.trans(b), acc)
         if PIECE_STEPS > 0:
             if (kk % PIECE_STEPS == PIECE_STEPS - 1) | (kk == k_steps - 1):  # a piece is done: add it exactly
