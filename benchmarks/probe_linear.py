@@ -272,6 +272,16 @@ def _loss_of(stats, t, vocab):
     return float(losses.double().sum())
 
 
+def _launches(launch, label, log) -> bool:
+    """Whether ``launch()`` runs: a configuration this GPU or Triton cannot compile is said so and skipped."""
+    try:
+        launch()
+        return True
+    except Exception as exc:
+        log(f"  {label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        return False
+
+
 def fused(h, w, t, reps, log):
     from fastce.kernels import triton_linear
 
@@ -307,10 +317,7 @@ def fused(h, w, t, reps, log):
     for name, splits in runs:
         def launch(name=name, splits=splits):
             triton_linear.linear_stats(h, w, None, t, 0, -100, out, PLAIN, config=name, num_splits=splits)
-        try:
-            launch()
-        except Exception as exc:  # a configuration this GPU or Triton cannot compile: say so, go on
-            log(f"  fused {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        if not _launches(launch, f"fused {name}", log):
             continue
         used = triton_linear.plan(rows, vocab, h.device, name, splits, dim)[0]
         extra = f"  splits {used}"
@@ -362,10 +369,7 @@ def fused_grad(h, w, t, reps, log):
     for name in [n for n, c in triton_linear_grad.CONFIGS.items() if c.kwargs["BLOCK_M"] >= 64]:
         def launch(name=name):
             triton_linear_grad.linear_grad(h, w, None, t, row, 0, vocab, -100, full, PLAIN, config=name)
-        try:
-            launch()
-        except Exception as exc:  # a configuration this GPU or Triton cannot compile: say so, go on
-            log(f"  fused-grad {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        if not _launches(launch, f"fused-grad {name}", log):
             continue
         splits = triton_linear_grad.plan(rows, vocab, h.device, name, None, dim)[0]
         row_(f"fused-grad {name}", launch, err(full, f"  splits {splits}"))

@@ -210,14 +210,14 @@ def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
     in_place = weight.dtype == torch.float32
     casts = getattr(kernels(backend), "SHARD_GRAD_CASTS", True)  # else: the epilogue in place, then a cast
     fused = rows > 0 and _fused(FUSED_BACKWARD, input, weight, backend)  # no float32 slab: only the gradient's
+    if fused:
+        from .kernels import triton_linear_grad
     buffer = None
     elem = weight.element_size() if fused else 4 + (0 if in_place else weight.element_size())
     for lo, hi in _slabs(rows, input.shape[1], vocab, elem):
         if buffer is None:  # the gradient in the weight's dtype, for the GEMMs; one buffer for every slab
             buffer = input.new_empty(0) if in_place else weight.new_empty(rows * (hi - lo))
         if fused:  # one kernel: the logits GEMM, the gradient in its epilogue
-            from .kernels import triton_linear_grad
-
             grad = buffer[:rows * (hi - lo)].view(1, rows, hi - lo)
             triton_linear_grad.linear_grad(input, weight[lo:hi], None if bias is None else bias[lo:hi], targets, row,
                                            vocab_start + lo, total, ignore_index, grad[0], spec)
