@@ -11,7 +11,8 @@ errors against float64 (the loss's relative error; the relative L2 error of grad
 of plain PyTorch in bf16 on the same inputs.
 
 Implementations: ``fastce`` (``backend="auto"``) and ``fastce-<backend>`` for each available backend (on a GPU also
-``fastce-triton-fused-forward``: Triton with ``fastce.linear.FUSED_FORWARD`` on),
+``fastce-triton-slabs``: Triton with ``fastce.linear.FUSED_FORWARD`` and ``FUSED_BACKWARD`` off, the slab path of
+float32 logits that the fused kernels replaced, benchmarks/NOTES.md row 24; the flags are set around the whole step),
 ``fastce-logits`` (``F.linear`` then fastce's logits kernel), ``eager`` (``F.linear`` then transformers'
 ``ForCausalLMLoss`` on the aligned targets), ``liger`` (``LigerFusedLinearCrossEntropyLoss``), ``cce`` (Apple's
 ``cut_cross_entropy.linear_cross_entropy``) when
@@ -22,6 +23,7 @@ and ``<slug>-linear.png`` (time and memory against V).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -58,18 +60,29 @@ def _fastce(backend):
     return lambda h, w, t: fastce.linear_cross_entropy(h, w, t, backend=backend)
 
 
-def _fused_forward(fn):
-    """``fn`` with ``fastce.linear.FUSED_FORWARD`` on during the call: the forward as one Triton kernel (NOTES,
-    row 22)."""
+class _Flagged:
+    """``fn`` to be measured with module flags of ``fastce.linear`` set (``FUSED_FORWARD``, ``FUSED_BACKWARD``, NOTES
+    rows 22-23): ``measure_shape`` sets them around the whole step, backward included, and restores them."""
+
+    def __init__(self, fn, **flags):
+        self.fn, self.flags = fn, flags
+
+    def __call__(self, h, w, t):
+        return self.fn(h, w, t)
+
+
+@contextlib.contextmanager
+def _linear_flags(flags: dict):
     from fastce import linear
 
-    def call(h, w, t):
-        linear.FUSED_FORWARD = True
-        try:
-            return fn(h, w, t)
-        finally:
-            linear.FUSED_FORWARD = False
-    return call
+    saved = {name: getattr(linear, name) for name in flags}
+    try:
+        for name, value in flags.items():
+            setattr(linear, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(linear, name, value)
 
 
 def _fastce_logits(h, w, t):
@@ -100,7 +113,7 @@ def implementations(device) -> dict:
     for backend in fastce.available_backends():
         impls[f"fastce-{backend}"] = _fastce(backend)
     if device.type == "cuda" and "triton" in fastce.available_backends():
-        impls["fastce-triton-fused-forward"] = _fused_forward(_fastce("triton"))
+        impls["fastce-triton-slabs"] = _Flagged(_fastce("triton"), FUSED_FORWARD=False, FUSED_BACKWARD=False)
     impls["fastce-logits"] = _fastce_logits
     impls["eager"] = _eager
     for name, make in (("liger", _liger), ("cce", _cce)):
@@ -196,17 +209,18 @@ def measure_shape(shape, impls, args, device, dtype, log):
             fn(hh, ww, t).backward()
 
         try:
-            step()  # correctness call (also warm-up)
-            if ref is not None:
-                out = fn(hh.detach(), ww.detach(), t)
-                row["loss_rel_err"] = abs(float(out) - float(ref[0])) / abs(float(ref[0]))
-                row["grad_input_rel_err"] = rel(hh.grad, ref[1])
-                row["grad_weight_rel_err"] = rel(ww.grad, ref[2])
-            for _ in range(args.warmup):
-                step()
-            row["ms"] = timed(step, args.reps, device)
-            peak = peak_extra(step, device, clear)
-            row["peak_extra_gib"] = None if peak is None else peak / GiB
+            with _linear_flags(getattr(fn, "flags", {})):
+                step()  # correctness call (also warm-up)
+                if ref is not None:
+                    out = fn(hh.detach(), ww.detach(), t)
+                    row["loss_rel_err"] = abs(float(out) - float(ref[0])) / abs(float(ref[0]))
+                    row["grad_input_rel_err"] = rel(hh.grad, ref[1])
+                    row["grad_weight_rel_err"] = rel(ww.grad, ref[2])
+                for _ in range(args.warmup):
+                    step()
+                row["ms"] = timed(step, args.reps, device)
+                peak = peak_extra(step, device, clear)
+                row["peak_extra_gib"] = None if peak is None else peak / GiB
         except Exception as exc:  # an implementation that fails a shape (e.g. out of memory) gets a note
             row["note"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         hh.grad = ww.grad = None

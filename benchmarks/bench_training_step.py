@@ -3,6 +3,7 @@ Liger's fused linear cross-entropy: time and peak memory.
 
     python benchmarks/bench_training_step.py                 # every mode, each in its own process
     python benchmarks/bench_training_step.py --mode fused    # one mode
+    python benchmarks/bench_training_step.py --modes fastce,fused --profile 15   # and each one's 15 costliest kernels
 
 The model (random weights, bf16, ``attn_implementation="sdpa"``): 8 layers, hidden 2048, intermediate 5632, 16 heads
 (8 KV heads), vocabulary 128256 (Llama 3's); a batch of 4 x 2048 random tokens whose labels are the inputs; AdamW
@@ -11,9 +12,9 @@ the median step time over ``--steps`` steps after ``--warmup`` steps, and the pe
 allocated before it (weights and optimizer states), with the loss of the first step (the modes must agree).
 
 Modes: ``stock`` (transformers' ``ForCausalLMLoss``), ``fastce`` (``fastce.patch_model(model)``: the logits kernel),
-``fused`` (``fastce.patch_model(model, fuse_lm_head=True)``: the logits are never held), ``fused-kernel`` (the same
-with ``fastce.linear.FUSED_FORWARD = True``: the forward as one Triton kernel, benchmarks/NOTES.md row 22), ``liger``
-(``liger_kernel``'s ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with its other kernels off, so
+``fused`` (``fastce.patch_model(model, fuse_lm_head=True)``: the logits are never held), ``fused-slabs`` (the same
+with ``fastce.linear.FUSED_FORWARD`` and ``FUSED_BACKWARD`` off: the slab path that the fused Triton kernels replaced,
+benchmarks/NOTES.md row 24), ``liger`` (``liger_kernel``'s ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with its other kernels off, so
 that only the loss differs). Results: ``<out>/<slug>-training-step.{md,json}``.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("stock", "fastce", "fused", "fused-kernel", "liger")
+MODES = ("stock", "fastce", "fused", "fused-slabs", "liger")
 GiB = 1 << 30
 
 
@@ -52,11 +53,12 @@ def build(mode: str, device, vocab: int, layers: int, hidden: int):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda"
                                                      else torch.float32)
-    if mode in ("fastce", "fused", "fused-kernel"):
+    if mode in ("fastce", "fused", "fused-slabs"):
         import fastce
         from fastce import linear
 
-        linear.FUSED_FORWARD = mode == "fused-kernel"  # each mode runs in its own process
+        if mode == "fused-slabs":  # each mode runs in its own process
+            linear.FUSED_FORWARD = linear.FUSED_BACKWARD = False
         fastce.patch_model(model, fuse_lm_head=mode != "fastce")
     return model.train()
 
@@ -94,6 +96,12 @@ def run(mode: str, args) -> dict:
         step()
         sync()
         peak = (torch.cuda.max_memory_allocated() - base) / GiB
+    if args.profile and device.type == "cuda":  # GPU time per kernel over one step, to stderr
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        print(f"== {mode}: one step's GPU time per kernel", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
     return {"mode": mode, "ms": statistics.median(times), "peak_gib_above_weights_and_optimizer": peak,
             "first_loss": first_loss}
 
@@ -111,14 +119,19 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--slug", default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also profile one step of each mode: its K costliest kernels (printed to stderr)")
     args = parser.parse_args(argv)
     if args.mode:  # a child: one mode, its result as the last line of output
         print(json.dumps(run(args.mode, args)))
         return
     results = []
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "vocab", "layers", "hidden", "batch", "seq")]
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "vocab", "layers", "hidden", "batch", "seq",
+                                                          "profile")]
     for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--mode", mode, *passthrough], capture_output=True, text=True)
+        if args.profile and "== " in proc.stderr:
+            print(proc.stderr[proc.stderr.index("== "):], flush=True)
         if proc.returncode == 0:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         else:

@@ -300,6 +300,7 @@ def fused(h, w, t, reps, log):
 
     row("cuBLAS GEMM, bf16 out", lambda: torch.mm(h, w.t()))
     row("cuBLAS GEMM, float32 out", lambda: torch.mm(h, w.t(), out_dtype=torch.float32))
+    saved = linear.FUSED_FORWARD
     for flag in (False, True):
         linear.FUSED_FORWARD = flag
         try:
@@ -309,7 +310,7 @@ def fused(h, w, t, reps, log):
                 result["stats"] = linear.linear_stats_impl(h, w, None, t, -100, "triton")
             row(f"linear_stats_impl, FUSED_FORWARD={flag}", forward, lambda: result["stats"])
         finally:
-            linear.FUSED_FORWARD = False
+            linear.FUSED_FORWARD = saved
     chosen = triton_linear.plan(rows, vocab, h.device, triton_linear.DEFAULT_CONFIG, None, dim)[0]
     runs = [(name, None) for name in triton_linear.CONFIGS if triton_linear.CONFIGS[name].kwargs["BLOCK_M"] >= 64]
     others = sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})
@@ -374,6 +375,7 @@ def fused_grad(h, w, t, reps, log):
         splits = triton_linear_grad.plan(rows, vocab, h.device, name, None, dim)[0]
         row_(f"fused-grad {name}", launch, err(full, f"  splits {splits}"))
     ref_input = ref @ w.double()
+    saved = linear.FUSED_BACKWARD
     for flag in (False, True):
         linear.FUSED_BACKWARD = flag
         try:
@@ -383,7 +385,7 @@ def fused_grad(h, w, t, reps, log):
                 result["g"] = linear.linear_grads_impl(h, w, None, t, row, -100, "triton", True, True, False)
             row_(f"linear_grads_impl, FUSED_BACKWARD={flag}", backward)
         finally:
-            linear.FUSED_BACKWARD = False
+            linear.FUSED_BACKWARD = saved
         got = result["g"][0][:probe].double()
         log(f"    grad_input[:{probe}] rel err vs float64: {float((got - ref_input).norm() / ref_input.norm()):.3e}")
 
