@@ -6,14 +6,14 @@ by slab:
 * forward, one GEMM: each slab's logits, in float32 (so the loss is exact to float32 rounding; on tensor cores in
   pieces of K, see ``_EXACT_K``), reduced at once to its rows' partial statistics by the kernels' ``shard_stats``;
   ``fastce/stats.py`` merges them into each row's statistics, whence the losses. Nothing of size V survives the slab.
-  With ``FUSED_FORWARD`` (off until measured), the Triton backend's forward is one kernel instead
-  (``fastce/kernels/triton_linear.py``): GEMM tiles whose epilogue takes the statistics, no logits in memory.
+  With ``FUSED_FORWARD`` (on: benchmarks/NOTES.md row 24), the Triton backend's forward on bf16/fp16 is one kernel
+  instead (``fastce/kernels/triton_linear.py``): GEMM tiles whose epilogue takes the statistics, no logits in memory.
 * backward, three GEMMs: each slab's float32 logits again; the epilogue (``shard_grad``) turns them into the gradient
   of the logits in the weight's dtype (rounded once, from float32 logits), scaled per row by the upstream gradient;
   then ``grad_weight[slab] = dlogits.T @ input`` (one GEMM over all rows: float32 accumulation, one rounding, no
   round-off growing with the number of slabs) and ``grad_input += dlogits @ weight[slab]`` into a float32
-  accumulator (in the GEMM's epilogue where the device has a mixed-dtype ``addmm``). With ``FUSED_BACKWARD`` (off
-  until measured), the Triton backend's first GEMM and the epilogue are one kernel
+  accumulator (in the GEMM's epilogue where the device has a mixed-dtype ``addmm``). With ``FUSED_BACKWARD`` (on:
+  NOTES row 24), the Triton backend's first GEMM and the epilogue are one kernel on bf16/fp16
   (``fastce/kernels/triton_linear_grad.py``): no float32 slab, so slabs of the gradient alone, 3x wider.
 
 So the memory above the inputs is the gradients plus one slab and an ``[N, D]`` float32 accumulator, and a gradient
@@ -128,8 +128,10 @@ def _slab_logits(input: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi
     return logits.unsqueeze(0)
 
 
-FUSED_FORWARD = False  # True: the Triton backend's forward is one kernel, GEMM tiles + statistics (_fused)
-FUSED_BACKWARD = False  # True: its backward's logits GEMM writes the gradient in its epilogue (off until measured)
+# The Triton backend's fused kernels (_fused), on since benchmarks/NOTES.md row 24 (both on: 5-6% less time end to
+# end at D = 2048/4096, V = 32000-256000 on the H100, the same peak memory); False gives the slab path.
+FUSED_FORWARD = True  # the forward is one kernel, GEMM tiles + statistics
+FUSED_BACKWARD = True  # the backward's logits GEMM writes the gradient in its epilogue
 
 
 def _fused(flag: bool, input: Tensor, weight: Tensor, backend: str) -> bool:
@@ -237,6 +239,7 @@ def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
             grad_bias[lo:hi] = dlogits.sum(0, dtype=torch.float32)
         if need_input:
             _accumulate_mm(acc, dlogits, weight[lo:hi])
+    buffer = grad = dlogits = None  # the slab's gradient freed before grad_input's cast, not held to the return
     grad_input = acc.to(input.dtype) if need_input else input.new_empty(0)
     return grad_input, grad_weight, grad_bias
 

@@ -70,6 +70,20 @@ def test_causal_lm_linear_loss_matches_float64(device, backend, dtype, case, opt
         assert err <= bound, f"grad of {name}: relative error {err:.3g} > {bound:.3g} (plain PyTorch: {plain[name]:.3g})"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fastce.available_backends(),
+                    reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_triton_slab_path_matches_float64(case, option, small_slabs, monkeypatch):
+    """bf16 on the Triton backend takes the fused kernels (benchmarks/NOTES.md row 24); with ``FUSED_FORWARD`` and
+    ``FUSED_BACKWARD`` off it takes the slab path (float32 logits, statistics and epilogue kernels), which float32
+    weights still take: the same checks against float64."""
+    monkeypatch.setattr(flinear, "FUSED_FORWARD", False)
+    monkeypatch.setattr(flinear, "FUSED_BACKWARD", False)
+    test_causal_lm_linear_loss_matches_float64("cuda", "triton", torch.bfloat16, case, option, small_slabs)
+
+
 def _plain_errors(h, w, b, labels, count, options):
     """Relative errors of plain PyTorch in the inputs' dtype (F.linear, then the loss on float32 logits)."""
     leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]

@@ -128,8 +128,9 @@ def test_strided_input_and_int32_targets(device):
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_linear_cross_entropy_with_fused_forward(device, option, monkeypatch):
     """The public op with FUSED_FORWARD on: its forward takes the kernel (spied on), the loss and the backward (slab
-    path) are float64's."""
+    path: FUSED_BACKWARD off) are float64's."""
     monkeypatch.setattr(flinear, "FUSED_FORWARD", True)
+    monkeypatch.setattr(flinear, "FUSED_BACKWARD", False)
     calls = []
     real = triton_linear.linear_stats
     monkeypatch.setattr(triton_linear, "linear_stats", lambda *a, **k: calls.append(1) or real(*a, **k))

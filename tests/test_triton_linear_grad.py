@@ -148,10 +148,12 @@ def _rel_err(actual, expected):
 @pytest.mark.parametrize("option", ["plain", "all"])
 def test_linear_cross_entropy_with_fused_backward(device, option, monkeypatch):
     """The public ops with FUSED_BACKWARD on and slabs of 256 columns: the backward takes the kernel (spied on), the
-    gradients are float64's within 2x plain PyTorch's bf16 error (4x in the interpreter, which truncates to bf16)."""
+    gradients are float64's within 2x plain PyTorch's bf16 error (4x in the interpreter, which truncates to bf16). The
+    forward is the slab path's (FUSED_FORWARD off), so that the backward alone differs from the slab path."""
     from test_linear import _plain_errors  # noqa: PLC0415 (plain PyTorch's errors, as test_linear measures them)
 
     monkeypatch.setattr(flinear, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(flinear, "FUSED_FORWARD", False)
     monkeypatch.setattr(flinear, "_SLAB_BYTES", 1)
     calls = []
     real = triton_linear_grad.linear_grad
