@@ -3,14 +3,14 @@
 # results go to $RES (default benchmarks/results), and, on the device tool's machines, also into $OUT/results.tgz
 # after every step (its $OUT returns few files, so one archive). Peer wheels (liger-kernel, cut-cross-entropy) are installed from
 # .whl/ when present (see the device tool's README for how they travel). Steps: STEPS="build tests fused linear
-# options step host logits" (default: all), e.g. STEPS="build tests" benchmarks/gpu_session.sh. "fused": the fused
+# options step host logits memcheck" (default: all), e.g. STEPS="build tests" benchmarks/gpu_session.sh. "fused": the fused
 # lm_head's Triton kernels alone (benchmarks/NOTES.md rows 22-23: probe_linear.py's parts "fused" and "fused-grad").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${RES:-benchmarks/results}"
 mkdir -p "$RES"
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; return 0; }
-STEPS="${STEPS:-build tests fused linear options step host logits}"
+STEPS="${STEPS:-build tests fused linear options step host logits memcheck}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -62,5 +62,13 @@ pack
 if has logits; then
   timeout 200 python3 benchmarks/bench_cross_entropy.py --quick --out "$RES" > "$RES/gpu-session-logits.log" 2>&1
   tail -12 "$RES/gpu-session-logits.log"
+fi
+pack
+if has memcheck; then  # every CUDA kernel, then the fused lm_head's Triton kernels, under compute-sanitizer
+  for case in gpu_memcheck_case gpu_memcheck_linear_case; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck python3 "tests/$case.py" \
+      > "$RES/gpu-session-$case.log" 2>&1
+    tail -2 "$RES/gpu-session-$case.log"
+  done
 fi
 pack
