@@ -4,6 +4,7 @@ Liger's fused linear cross-entropy: time and peak memory.
     python benchmarks/bench_training_step.py                 # every mode, each in its own process
     python benchmarks/bench_training_step.py --mode fused    # one mode
     python benchmarks/bench_training_step.py --modes fastce,fused --profile 15   # and each one's 15 costliest kernels
+    python benchmarks/bench_training_step.py --modes fused,liger --memory 12     # the 12 largest blocks at the peak
 
 The model (random weights, bf16, ``attn_implementation="sdpa"``): 8 layers, hidden 2048, intermediate 5632, 16 heads
 (8 KV heads), vocabulary 128256 (Llama 3's); a batch of 4 x 2048 random tokens whose labels are the inputs; AdamW
@@ -63,6 +64,29 @@ def build(mode: str, device, vocab: int, layers: int, hidden: int):
     return model.train()
 
 
+def alive_at_peak(trace: list[dict]) -> list[tuple[int, str]]:
+    """(bytes, where) of the blocks allocated during a step and alive when its allocated total peaked, largest first,
+    from the allocator's trace (``torch.cuda.memory._snapshot``): alloc and free events in order (blocks made before
+    the step count neither when made nor when freed); "where" is the innermost Python frame of the allocation outside
+    torch itself."""
+    alive, total, best, at_peak = {}, 0, -1, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            alive[event["addr"]] = event
+            total += event["size"]
+            if total > best:
+                best, at_peak = total, dict(alive)
+        elif event["action"] == "free_completed" and event["addr"] in alive:
+            total -= alive.pop(event["addr"])["size"]
+
+    def where(event):
+        frames = event.get("frames") or []
+        inner = next((f for f in frames if "/torch/" not in f["filename"]), frames[0] if frames else None)
+        return f"{'/'.join(inner['filename'].rsplit('/', 2)[-2:])}:{inner['line']} {inner['name']}" if inner else "?"
+
+    return sorted(((e["size"], where(e)) for e in at_peak.values()), reverse=True)
+
+
 def run(mode: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(mode, device, args.vocab, args.layers, args.hidden)
@@ -93,9 +117,17 @@ def run(mode: str, args) -> dict:
         sync()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        if args.memory:  # the allocator's trace of this step, for the blocks alive at its peak
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         step()
         sync()
         peak = (torch.cuda.max_memory_allocated() - base) / GiB
+        if args.memory:
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"== {mode}: the {args.memory} largest blocks alive at the step's peak", file=sys.stderr)
+            for size, where in alive_at_peak(trace)[:args.memory]:
+                print(f"  {size / 2**20:9.1f} MiB  {where}", file=sys.stderr)
     if args.profile and device.type == "cuda":  # GPU time per kernel over one step, to stderr
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
@@ -121,16 +153,18 @@ def main(argv=None):
     parser.add_argument("--slug", default=None)
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="also profile one step of each mode: its K costliest kernels (printed to stderr)")
+    parser.add_argument("--memory", type=int, default=0, metavar="K",
+                        help="and the K largest blocks alive at the measured step's peak, with where each was made")
     args = parser.parse_args(argv)
     if args.mode:  # a child: one mode, its result as the last line of output
         print(json.dumps(run(args.mode, args)))
         return
     results = []
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "vocab", "layers", "hidden", "batch", "seq",
-                                                          "profile")]
+                                                          "profile", "memory")]
     for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--mode", mode, *passthrough], capture_output=True, text=True)
-        if args.profile and "== " in proc.stderr:
+        if (args.profile or args.memory) and "== " in proc.stderr:
             print(proc.stderr[proc.stderr.index("== "):], flush=True)
         if proc.returncode == 0:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
