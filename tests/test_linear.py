@@ -261,7 +261,7 @@ def test_loss_within_1e6_at_a_model_width(backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fastce.available_backends(),
                     reason="needs a CUDA GPU and Triton")
-def test_cuda_graph_capture_without_validation():
+def test_cuda_graph_capture_without_validation(small_slabs):
     """validate=False: the fused head (bf16 on Triton: the fused kernels, several slabs) forward and backward in one
     CUDA graph, without a host synchronisation (capture fails on one), replayed on new hidden states."""
     N, D, V = 300, 128, 1031
@@ -275,18 +275,14 @@ def test_cuda_graph_capture_without_validation():
         loss = fastce.linear_cross_entropy(h, w, t, backend="triton", validate=False, label_smoothing=0.1)
         return (loss, *torch.autograd.grad(loss * 1.5, (h, w)))
 
-    flinear_slabs, flinear._SLAB_BYTES = flinear._SLAB_BYTES, 1
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up: compiles the kernels
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                loss, gh, gw = step()
-        torch.cuda.current_stream().wait_stream(stream)
-    finally:
-        flinear._SLAB_BYTES = flinear_slabs
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compiles the kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            loss, gh, gw = step()
+    torch.cuda.current_stream().wait_stream(stream)
     with torch.no_grad():
         h.copy_(torch.randn(N, D, device="cuda", generator=g))
     graph.replay()
@@ -295,4 +291,3 @@ def test_cuda_graph_capture_without_validation():
         h, w, None, lambda logits: cross_entropy_reference(logits, t, label_smoothing=0.1).sum() / int((t != -100).sum()))
     assert_loss_close(loss, ref)
     assert _rel_err(gh, 1.5 * rh) < 1e-2 and _rel_err(gw, 1.5 * rw) < 1e-2  # bf16 gradients
-
