@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_blocks import _grad_of_logits
-from .triton_linear_kernels import _operand_tiles, _program_tile
+from .triton_linear_kernels import _next_step, _operand_tiles, _program_tile, _split_steps, _tile_rows
 
 
 @triton.jit
@@ -49,17 +49,13 @@ def _linear_grad_kernel(
     INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
 ):
     row_tile, split = _program_tile(num_rows, num_splits, group_m, BLOCK_M)
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_rows
-    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    # local_t: the target's column in this slab, -1 where it lies elsewhere (another slab, or outside the vocabulary:
+    # then the gradient has no one-hot term, as the contract says).
+    _, row_ok, safe_rows, targets, local_t = _tile_rows(targets_ptr, stride_t, row_tile, num_rows, vocab_start, vocab,
+                                                        ignore_index, BLOCK_M)
     x_rows = x_ptr  # TMA: unused
     if not TMA:
         x_rows = x_ptr + safe_rows[:, None] * stride_xn  # rows past N read row 0
-    targets = tl.load(targets_ptr + safe_rows * stride_t, mask=row_ok, other=ignore_index).to(tl.int64)
-    # The target's column in this slab, -1 when it lies elsewhere (another slab, or outside the vocabulary: then the
-    # gradient has no one-hot term, as the contract says).
-    local_t = targets - vocab_start
-    local_t = tl.where((local_t >= 0) & (local_t < vocab), local_t, -1).to(tl.int32)
     kept = row_ok & (targets != ignore_index)
     row_max = tl.load(row_ptr + safe_rows * 3, mask=kept, other=0.0)
     row_sum = tl.load(row_ptr + safe_rows * 3 + 1, mask=kept, other=1.0)
@@ -69,19 +65,15 @@ def _linear_grad_kernel(
     if not TMA_STORE:
         g_rows = grad_ptr + safe_rows[:, None] * stride_gn
 
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, vocab)
-    k_steps = tl.cdiv(dim, BLOCK_K)
-    steps = tl.cdiv(hi - lo, BLOCK_N) * k_steps
+    lo, hi, k_steps, steps = _split_steps(split, split_len, vocab, dim, BLOCK_N, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
     rn = tl.arange(0, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    col0 = lo - BLOCK_N  # only scalars cross iterations besides the tile (see the forward's kernel)
+    col0 = lo - BLOCK_N  # only scalars cross the loop's iterations besides the tile (_next_step)
     kk = -1
     for _step in range(0, steps):
-        kk = tl.where(kk == k_steps - 1, 0, kk + 1)
-        col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
+        kk, col0 = _next_step(kk, col0, k_steps, BLOCK_N)
         cols = col0 + rn
         a, b = _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk,
                               rk, dim, BLOCK_M, BLOCK_K, EVEN_K, TMA, INTERPRET)

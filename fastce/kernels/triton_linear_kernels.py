@@ -67,6 +67,39 @@ def _program_tile(num_rows, num_splits, group_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(targets_ptr, stride_t, row_tile, num_rows, vocab_start, vocab, ignore_index, BLOCK_M: tl.constexpr):
+    """The program's rows (rows, row_ok, safe_rows: rows past N as row 0, int64) and their targets: the ids, and each
+    one's column in this weight (its rows the ids [vocab_start, vocab_start + vocab)), -1 where it lies elsewhere
+    (another slab or shard, or outside the vocabulary): int32, one compare an element. The forward's and the
+    backward's kernels."""
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    targets = tl.load(targets_ptr + safe_rows * stride_t, mask=row_ok, other=ignore_index).to(tl.int64)
+    local_t = targets - vocab_start
+    local_t = tl.where((local_t >= 0) & (local_t < vocab), local_t, -1).to(tl.int32)
+    return rows, row_ok, safe_rows, targets, local_t
+
+
+@triton.jit
+def _split_steps(split, split_len, vocab, dim, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The split's columns [lo, hi), the K steps of a tile and the flat loop's steps (tiles x K steps)."""
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, vocab)
+    k_steps = tl.cdiv(dim, BLOCK_K)
+    return lo, hi, k_steps, tl.cdiv(hi - lo, BLOCK_N) * k_steps
+
+
+@triton.jit
+def _next_step(kk, col0, k_steps, BLOCK_N: tl.constexpr):
+    """The flat loop's next (K step, tile's first column), K steps fastest; start from (-1, lo - BLOCK_N). Only such
+    scalars cross the loop's iterations besides the tiles and the rows' statistics: a column index vector in the MMA's
+    layout is 32 registers a thread, and the pipeline would keep one per stage in flight."""
+    kk = tl.where(kk == k_steps - 1, 0, kk + 1)
+    return kk, tl.where(kk == 0, col0 + BLOCK_N, col0)
+
+
+@triton.jit
 def _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk, rk, dim,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
                    INTERPRET: tl.constexpr):
@@ -117,22 +150,13 @@ def _linear_stats_kernel(
     INTERPRET: tl.constexpr,  # running in Triton's interpreter (CPU tensors)
 ):
     row_tile, split = _program_tile(num_rows, num_splits, group_m, BLOCK_M)
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_rows
+    rows, row_ok, safe_rows, targets, local_t = _tile_rows(targets_ptr, stride_t, row_tile, num_rows, vocab_start,
+                                                           vocab, ignore_index, BLOCK_M)
     x_rows = x_ptr  # TMA: unused
     if not TMA:
-        x_rows = x_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_xn  # rows past N read row 0
-    targets = tl.load(targets_ptr + tl.where(row_ok, rows, 0).to(tl.int64) * stride_t, mask=row_ok,
-                      other=ignore_index).to(tl.int64)
-    # The target's column in this weight, -1 when it lies elsewhere: int32, one compare an element. Tiles never cross
-    # a split's end (splits are whole tiles), so only the last tile of V has columns past hi, and none is below V.
-    local_t = targets - vocab_start
-    local_t = tl.where((local_t >= 0) & (local_t < vocab), local_t, -1).to(tl.int32)
-
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, vocab)
-    k_steps = tl.cdiv(dim, BLOCK_K)
-    steps = tl.cdiv(hi - lo, BLOCK_N) * k_steps
+        x_rows = x_ptr + safe_rows[:, None] * stride_xn  # rows past N read row 0
+    # Tiles never cross a split's end (splits are whole tiles), so only the last tile of V has columns past hi.
+    lo, hi, k_steps, steps = _split_steps(split, split_len, vocab, dim, BLOCK_N, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
     rn = tl.arange(0, BLOCK_N)
 
@@ -143,13 +167,10 @@ def _linear_stats_kernel(
     run_r = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    # Only scalars cross the loop's iterations besides the tiles and the rows' statistics: a column index vector in the
-    # MMA's layout is 32 registers a thread, and the pipeline would keep one per stage in flight.
-    col0 = lo - BLOCK_N
+    col0 = lo - BLOCK_N  # only scalars cross the loop's iterations (_next_step)
     kk = -1
     for _step in range(0, steps):
-        kk = tl.where(kk == k_steps - 1, 0, kk + 1)
-        col0 = tl.where(kk == 0, col0 + BLOCK_N, col0)
+        kk, col0 = _next_step(kk, col0, k_steps, BLOCK_N)
         cols = col0 + rn
         a, b = _operand_tiles(x_ptr, x_rows, stride_xk, w_ptr, stride_wv, stride_wk, row_tile, col0, cols, lo, hi, kk,
                               rk, dim, BLOCK_M, BLOCK_K, EVEN_K, TMA, INTERPRET)
