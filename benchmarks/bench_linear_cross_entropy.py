@@ -72,7 +72,7 @@ class _Flagged:
 
 
 @contextlib.contextmanager
-def _linear_flags(flags: dict):
+def linear_flags(flags: dict):
     from fastce import linear
 
     saved = {name: getattr(linear, name) for name in flags}
@@ -209,7 +209,7 @@ def measure_shape(shape, impls, args, device, dtype, log):
             fn(hh, ww, t).backward()
 
         try:
-            with _linear_flags(getattr(fn, "flags", {})):
+            with linear_flags(getattr(fn, "flags", {})):
                 step()  # correctness call (also warm-up)
                 if ref is not None:
                     out = fn(hh.detach(), ww.detach(), t)

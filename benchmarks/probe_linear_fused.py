@@ -23,6 +23,7 @@ import torch
 from fastce import linear
 from fastce.shard_ops import run_shard_grad
 from fastce.spec import LossSpec
+from bench_linear_cross_entropy import linear_flags
 from bench_linear_cross_entropy import timed as bench_timed
 
 PLAIN = LossSpec(0.0, 0.0, 0.0)
@@ -77,17 +78,13 @@ def fused(h, w, t, reps, log):
 
     row("cuBLAS GEMM, bf16 out", lambda: torch.mm(h, w.t()))
     row("cuBLAS GEMM, float32 out", lambda: torch.mm(h, w.t(), out_dtype=torch.float32))
-    saved = linear.FUSED_FORWARD
     for flag in (False, True):
-        linear.FUSED_FORWARD = flag
-        try:
+        with linear_flags({"FUSED_FORWARD": flag}):
             result = {}
 
             def forward():
                 result["stats"] = linear.linear_stats_impl(h, w, None, t, -100, "triton")
             row(f"linear_stats_impl, FUSED_FORWARD={flag}", forward, lambda: result["stats"])
-        finally:
-            linear.FUSED_FORWARD = saved
     chosen = triton_linear.plan(rows, vocab, h.device, triton_linear.DEFAULT_CONFIG, None, dim)[0]
     runs = [(name, None) for name in triton_linear.CONFIGS if triton_linear.CONFIGS[name].kwargs["BLOCK_M"] >= 64]
     others = sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen} - {chosen})
@@ -152,16 +149,12 @@ def fused_grad(h, w, t, reps, log):
         splits = triton_linear_grad.plan(rows, vocab, h.device, name, None, dim)[0]
         row_(f"fused-grad {name}", launch, err(full, f"  splits {splits}"))
     ref_input = ref @ w.double()
-    saved = linear.FUSED_BACKWARD
     for flag in (False, True):
-        linear.FUSED_BACKWARD = flag
-        try:
+        with linear_flags({"FUSED_BACKWARD": flag}):
             result = {}
 
             def backward():
                 result["g"] = linear.linear_grads_impl(h, w, None, t, row, -100, "triton", True, True, False)
             row_(f"linear_grads_impl, FUSED_BACKWARD={flag}", backward)
-        finally:
-            linear.FUSED_BACKWARD = saved
         got = result["g"][0][:probe].double()
         log(f"    grad_input[:{probe}] rel err vs float64: {float((got - ref_input).norm() / ref_input.norm()):.3e}")
