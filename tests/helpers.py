@@ -104,3 +104,13 @@ def linear_inputs(N, D, V, dtype, device, bias=True, seed=0):
     b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(device) if bias else None
     t = torch.randint(0, V, (N,), generator=g).to(device)
     return x, w, b, t
+
+
+def strided_linear_inputs(N, D, V, device):
+    """bf16 ``linear_inputs`` with strides no kernel may assume away: the input [N, D] with stride 2 over K, the weight
+    [V, D] with strides (1, V), int32 targets of stride 2; and the bias [V]."""
+    base, _, b, t = linear_inputs(N, 2 * D, V, torch.bfloat16, device)
+    x = base[:, ::2]  # stride over K: 2
+    w = torch.randn(D, V).to(torch.bfloat16).to(device).t()  # [V, D] with stride (1, V)
+    t = torch.stack((t.int(), t.int()), dim=1)[:, 0]  # stride 2
+    return x, w, b, t

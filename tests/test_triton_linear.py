@@ -12,7 +12,7 @@ from fastce import stats as fstats
 from fastce.reference import cross_entropy_reference, linear_logits_reference, row_stats_reference
 from fastce.spec import LossSpec
 
-from helpers import assert_loss_close, linear_inputs
+from helpers import assert_loss_close, linear_inputs, strided_linear_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -116,10 +116,7 @@ def test_vocab_shards_merge_to_the_whole_row(device, option):
 @pytest.mark.parametrize("device", CPU)
 def test_strided_input_and_int32_targets(device):
     N, D, V = 20, 40, 200
-    base, w, b, t = linear_inputs(N, 2 * D, V, torch.bfloat16, device)
-    x = base[:, ::2]  # stride over K: 2
-    w = torch.randn(D, V).to(torch.bfloat16).t()  # [V, D] with stride (1, V)
-    t = torch.stack((t.int(), t.int()), dim=1)[:, 0]  # stride 2
+    x, w, _, t = strided_linear_inputs(N, D, V, device)
     out = _run(x, w, None, t, _spec(OPTIONS["all"]))
     _check(out, x, w, None, t, OPTIONS["all"])
 

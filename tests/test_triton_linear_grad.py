@@ -13,7 +13,7 @@ from fastce.reference import (cross_entropy_grad_reference, cross_entropy_refere
                               _capped)
 from fastce.spec import LossSpec
 
-from helpers import linear_inputs
+from helpers import linear_inputs, strided_linear_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -123,10 +123,7 @@ def test_slab_of_a_larger_vocabulary(device, option):
 @pytest.mark.parametrize("device", CPU)
 def test_strided_input_and_int32_targets(device):
     N, D, V = 20, 40, 200
-    base, _, b, t = linear_inputs(N, 2 * D, V, torch.bfloat16, device)
-    x = base[:, ::2]  # stride over K: 2
-    w = torch.randn(D, V).to(torch.bfloat16).t()  # [V, D] with stride (1, V)
-    t = torch.stack((t.int(), t.int()), dim=1)[:, 0]  # stride 2
+    x, w, b, t = strided_linear_inputs(N, D, V, device)
     scale = torch.ones(N)
     logits = linear_logits_reference(x, w, b)
     row = _rows(logits, scale, 3.0)
