@@ -68,23 +68,24 @@ def alive_at_peak(trace: list[dict]) -> list[tuple[int, str]]:
     """(bytes, where) of the blocks allocated during a step and alive when its allocated total peaked, largest first,
     from the allocator's trace (``torch.cuda.memory._snapshot``): alloc and free events in order (blocks made before
     the step count neither when made nor when freed); "where" is the innermost Python frame of the allocation outside
-    torch itself."""
-    alive, total, best, at_peak = {}, 0, -1, {}
+    torch itself. The first entry is the peak's total and the block that reached it."""
+    alive, total, best, at_peak, peak_event = {}, 0, -1, {}, None
     for event in trace:
         if event["action"] == "alloc":
             alive[event["addr"]] = event
             total += event["size"]
             if total > best:
-                best, at_peak = total, dict(alive)
+                best, at_peak, peak_event = total, dict(alive), event
         elif event["action"] == "free_completed" and event["addr"] in alive:
             total -= alive.pop(event["addr"])["size"]
 
     def where(event):
-        frames = event.get("frames") or []
+        frames = [f for f in event.get("frames") or [] if f["filename"].endswith(".py")]
         inner = next((f for f in frames if "/torch/" not in f["filename"]), frames[0] if frames else None)
         return f"{'/'.join(inner['filename'].rsplit('/', 2)[-2:])}:{inner['line']} {inner['name']}" if inner else "?"
 
-    return sorted(((e["size"], where(e)) for e in at_peak.values()), reverse=True)
+    blocks = sorted(((e["size"], where(e)) for e in at_peak.values()), reverse=True)
+    return ([(best, f"in all, reached by a block from {where(peak_event)}")] if peak_event else []) + blocks
 
 
 def run(mode: str, args) -> dict:
@@ -118,7 +119,7 @@ def run(mode: str, args) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         if args.memory:  # the allocator's trace of this step, for the blocks alive at its peak
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
         step()
         sync()
         peak = (torch.cuda.max_memory_allocated() - base) / GiB

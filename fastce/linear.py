@@ -45,6 +45,9 @@ _SLAB_MIN_BYTES, _SLAB_MAX_BYTES = 32 << 20, 256 << 20
 _SLAB_MARGIN = 16 << 20
 _SLAB_BYTES: int | None = None  # a fixed slab size instead of the rule (tests: 1 gives the narrowest slabs)
 _SLAB_ALIGN = 256  # columns: whole GEMM tiles
+# The fused backward's slabs are also capped at this many waves of its kernel's tiles (benchmarks/NOTES.md, row 25):
+# under the byte rule they would be 3x the slab path's width, memory that buys no speed.
+_SLAB_WAVES = 16
 
 
 def _slab_bytes(rows: int, dim: int) -> int:
@@ -54,14 +57,16 @@ def _slab_bytes(rows: int, dim: int) -> int:
     return min(_SLAB_MAX_BYTES, max(_SLAB_MIN_BYTES, free))
 
 
-def _slab_columns(rows: int, dim: int, vocab: int, elem: int) -> int:
+def _slab_columns(rows: int, dim: int, vocab: int, elem: int, cap: int | None = None) -> int:
     columns = _slab_bytes(rows, dim) // max(rows * elem, 1)
+    if cap is not None and _SLAB_BYTES is None:
+        columns = min(columns, cap)
     columns = max(_SLAB_ALIGN, columns // _SLAB_ALIGN * _SLAB_ALIGN)
     return min(vocab, columns)
 
 
-def _slabs(rows: int, dim: int, vocab: int, elem: int):
-    width = _slab_columns(rows, dim, vocab, elem)
+def _slabs(rows: int, dim: int, vocab: int, elem: int, cap: int | None = None):
+    width = _slab_columns(rows, dim, vocab, elem, cap)
     for start in range(0, vocab, width):
         yield start, min(vocab, start + width)
 
@@ -216,7 +221,9 @@ def linear_grads_impl(input: Tensor, weight: Tensor, bias: Tensor | None, target
         from .kernels import triton_linear_grad
     buffer = None
     elem = weight.element_size() if fused else 4 + (0 if in_place else weight.element_size())
-    for lo, hi in _slabs(rows, input.shape[1], vocab, elem):
+    # the fused kernel's slab (its gradient only, 2 bytes an element) is no wider than _SLAB_WAVES waves of its tiles
+    cap = triton_linear_grad.slab_columns(rows, input.device, _SLAB_WAVES) if fused else None
+    for lo, hi in _slabs(rows, input.shape[1], vocab, elem, cap):
         if buffer is None:  # the gradient in the weight's dtype, for the GEMMs; one buffer for every slab
             buffer = input.new_empty(0) if in_place else weight.new_empty(rows * (hi - lo))
         if fused:  # one kernel: the logits GEMM, the gradient in its epilogue

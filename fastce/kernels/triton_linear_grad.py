@@ -51,6 +51,15 @@ def plan(rows: int, vocab: int, device: torch.device, config: str | None = None,
     return triton_linear.plan(rows, vocab, device, config or choose_config(device), num_splits, dim, elem, CONFIGS)
 
 
+def slab_columns(rows: int, device: torch.device, waves: int, config: str | None = None) -> int:
+    """The columns of a slab that gives each SM ``waves`` of this kernel's tiles over ``rows`` rows (whole tiles):
+    wider slabs cost memory and gain little, the last wave's idle share being at most ``1 / waves`` already."""
+    cfg = CONFIGS[config or choose_config(device)]
+    row_tiles = triton.cdiv(max(rows, 1), cfg.kwargs["BLOCK_M"])
+    sms = triton_linear._sms(device) * cfg.kwargs["RESIDENT"]
+    return triton.cdiv(waves * sms, row_tiles) * cfg.kwargs["BLOCK_N"]
+
+
 def _tma_store_here(grad: torch.Tensor) -> bool:
     return grad.stride(1) == 1 and (grad.stride(0) * grad.element_size()) % 16 == 0 and grad.data_ptr() % 16 == 0
 
