@@ -84,7 +84,38 @@ __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[
   for (int i = 0; i < kVecs; ++i) {
     float values[V::kSize];
     V::unpack(raw[i], values);
-    if constexpr (kOptions) {
+    if constexpr (kOptions && !kSoftcap) {
+      // Without a softcap: the position test once per vector. Elements outside the row are -inf already (load_vec);
+      // only sum_x must leave them out, and only the first and the last vector of a row can hold any.
+      const int begin = (first_vec + i * kThreads) * V::kSize - shift;  // the row element of values[0]
+      const bool whole = begin >= 0 && begin + V::kSize <= len;
+      if constexpr ((kSums & kSumX) != 0) {
+        float vx[V::kSize];
+#pragma unroll
+        for (int j = 0; j < V::kSize; ++j) vx[j] = values[j];
+#pragma unroll
+        for (int width = V::kSize / 2; width > 0; width /= 2) {
+#pragma unroll
+          for (int j = 0; j < width; ++j) vx[j] += vx[j + width];
+        }
+        if (!whole) {  // rare
+          vx[0] = 0.f;
+#pragma unroll
+          for (int j = 0; j < V::kSize; ++j) {
+            if (static_cast<unsigned>(begin + j) < static_cast<unsigned>(len)) vx[0] += values[j];
+          }
+        }
+        sum_x += vx[0];
+      }
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        const float d = values[j] - ref;
+        const float e = exp2_approx(d * kLog2e);
+        // e * d, with d clamped to a finite value: 0 rather than 0 * -inf = NaN where x = -inf; NaN stays NaN (e).
+        if constexpr ((kSums & kSumPx) != 0) sum_px = fmaf(e, fmaxf(d, -3.402823466e38f), sum_px);
+        values[j] = e;
+      }
+    } else if constexpr (kOptions) {
       const int begin = (first_vec + i * kThreads) * V::kSize - shift;  // the row element of values[0]
 #pragma unroll
       for (int j = 0; j < V::kSize; ++j) {
@@ -218,6 +249,14 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   // Read before the cluster barrier, hence before any block of the cluster can overwrite it in place.
   const float target_logit =
       (rank == 0 && threadIdx.x == 0 && in_range) ? capped<kOptions>(E::to_float(x[column]), p.spec) : NAN;
+  // The thread that holds the target's vector reads the target logit too (also before the barrier: grad may be x),
+  // for its gradient to be written apart: the vectors' loop then has no per-element target test.
+  const int target_vec = in_range ? static_cast<int>((column + x_shift) / V::kSize) : -1;
+  bool owns_target = false;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) owns_target |= (first_vec + i * kThreads == target_vec);
+  float raw_target = 0.f;
+  if (WRITE_GRAD && owns_target) raw_target = E::to_float(x[column]);
 
   const auto stats_of_registers = [&](auto softcap) {
     return register_stats<scalar_t, kVecs, kOptions, decltype(softcap)::value, kSums>(raw, first_vec, x_shift,
@@ -245,17 +284,17 @@ __global__ void __launch_bounds__(kThreads, (cluster_min_blocks<kVecs, WRITE_GRA
   if constexpr (WRITE_GRAD) {
     with_softcap<kOptions>(p.spec, [&](auto softcap) {
       const GradOf<kOptions, decltype(softcap)::value> grad_of(stats.max, stats.sum, grad_scale(p.divisor), p.spec);
-      const int target_vec = in_range ? static_cast<int>((column + x_shift) / V::kSize) : -1;
-      const int target_lane = static_cast<int>((column + x_shift) % V::kSize);
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const int k = first_vec + i * kThreads;
         float values[V::kSize];
         unpack_opaque<scalar_t>(raw[i], values);
 #pragma unroll
-        for (int j = 0; j < V::kSize; ++j) values[j] = grad_of(values[j], k == target_vec && j == target_lane);
+        for (int j = 0; j < V::kSize; ++j) values[j] = grad_of(values[j], false);
         store_vec<scalar_t>(g, g_shift, x_shift, k, p.vocab, V::pack(values));
       }
+      // The target's own gradient, over the value just stored (same thread, same address: program order).
+      if (owns_target) g[column] = E::from_float(grad_of(raw_target, true));
     });
   }
   if (cluster > 1) cluster_wait();
