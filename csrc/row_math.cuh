@@ -31,6 +31,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// 1 / x to about 1 ulp (x is in [1, 2] where it is used: no subnormals to flush).
+__device__ __forceinline__ float rcp_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.f / x;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Options.
 
@@ -58,19 +69,9 @@ struct Softcapped {
   float slope;  // d x'/dx (the compiler drops it where it is not read)
 };
 
-// 1 / d for d in [1, 2] (NaN stays NaN) to about 1 ulp, on the FMA pipe only: rcp.approx would be the third
-// special-function-unit operation an element beside two exponentials, and that unit has an eighth of the FMA pipe's
-// throughput. Seed: the minimax quadratic of 1/d on [1, 2] for the relative error 1 - d r0, T3(3 - 2d) / 99
-// (Chebyshev), at most 1/99; two Newton steps square it twice: 1e-8. Six FMAs (benchmarks/NOTES.md, row 26).
-__device__ __forceinline__ float reciprocal_1_2(float d) {
-  float r = fmaf(fmaf(0.32323232323232326f, d, -1.4545454545454546f), d, 2.121212121212121f);
-  r = fmaf(r, fmaf(-d, r, 1.f), r);
-  return fmaf(r, fmaf(-d, r, 1.f), r);
-}
-
 __device__ __forceinline__ Softcapped softcap_of(float x, const Spec& spec) {
   const float e = exp2_approx(fabsf(x) * spec.softcap_exp2_scale);
-  const float q = reciprocal_1_2(1.f + e);
+  const float q = rcp_approx(1.f + e);
   return {copysignf(spec.softcap * ((1.f - e) * q), x), 4.f * e * (q * q)};
 }
 

@@ -58,27 +58,16 @@ def _exp(x, LEAN: tl.constexpr):
 
 
 @triton.jit
-def _reciprocal_1_2(d):
-    """1 / d for d in [1, 2] (NaN stays NaN) to about 1 ulp, on the FMA pipe only: the special-function unit's
-    reciprocal (or rsqrt) would be the third of its operations an element beside two exponentials, and that unit is
-    an eighth of the FMA pipe's throughput. Seed: the minimax quadratic of 1/d on [1, 2] for the relative error
-    1 - d r0, T3(3 - 2d) / 99 (Chebyshev), at most 1/99; two Newton steps r += r (1 - d r) square it twice: 1e-8.
-    Six FMAs (benchmarks/NOTES.md, row 26)."""
-    r = (0.32323232323232326 * d - 1.4545454545454546) * d + 2.121212121212121
-    r = r + r * (1.0 - d * r)
-    return r + r * (1.0 - d * r)
-
-
-@triton.jit
 def _softcapped(x, softcap, softcap_k):
     """(x', (d x'/d x) / 4) of x' = softcap * tanh(x / softcap), from e = exp(-2|x| / softcap) (``softcap_k`` is
     -2 log2(e) / softcap) and q = 1 / (1 + e): tanh|x / softcap| = (1 - e) / (1 + e) = 2q - 1, and the slope
     1 - tanh**2 = 4 e q**2, accurate also where tanh saturates (1 - t*t would cancel there).
 
-    q comes from ``_reciprocal_1_2`` (FMAs only), 1 + e being in [1, 2]. x' is off by a few softcap * eps (float32
-    epsilon) in absolute terms: a few ulp of the largest x', nothing to a softmax."""
+    q comes from rsqrt(1 + e)**2 (2 instructions, a division takes 5), 1 + e being in [1, 2]. x' is off by a few
+    softcap * eps (float32 epsilon) in absolute terms: a few ulp of the largest x', nothing to a softmax."""
     e = tl.exp2(tl.abs(x) * softcap_k)
-    q = _reciprocal_1_2(1.0 + e)
+    r = tl.math.rsqrt(1.0 + e)
+    q = r * r
     y = (2.0 * softcap) * q - softcap
     return tl.where(x < 0, -y, y), e * q * q
 
