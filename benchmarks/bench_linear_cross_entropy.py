@@ -114,6 +114,8 @@ def implementations(device) -> dict:
         impls[f"fastce-{backend}"] = _fastce(backend)
     if device.type == "cuda" and "triton" in fastce.available_backends():
         impls["fastce-triton-slabs"] = _Flagged(_fastce("triton"), FUSED_FORWARD=False, FUSED_BACKWARD=False)
+        # the fused backward's slabs by the byte rule alone, without the cap of _SLAB_WAVES (NOTES row 25)
+        impls["fastce-triton-wide"] = _Flagged(_fastce("triton"), _SLAB_WAVES=1 << 30)
     impls["fastce-logits"] = _fastce_logits
     impls["eager"] = _eager
     for name, make in (("liger", _liger), ("cce", _cce)):

@@ -36,12 +36,18 @@ namespace {
 // Launches the cluster kernel; false (and nothing launched) when clusters of that size cannot be resident.
 template <typename scalar_t, typename target_t, int kVecs, bool WRITE_GRAD, bool kOptions, int kSums = kSumX | kSumPx>
 bool launch_cluster(const CrossEntropyParams& p, int cluster, cudaStream_t stream) {
-  if constexpr (kOptions && WRITE_GRAD && kSums != 0) {
-    // The gradient kernels, the hot ones: without label smoothing and the entropy, a variant without their
-    // per-element sums, so that z-loss and softcap pay nothing for them. (A variant with the sum of x' alone spilled
-    // several times more registers than the one with both sums under nvcc 13.0, so label smoothing takes that one.)
+  if constexpr (kOptions && WRITE_GRAD && kSums == (kSumX | kSumPx)) {
+    // The gradient kernels, the hot ones: a variant with only the per-element sums the options need (label
+    // smoothing: of x'; the entropy: of exp(x' - max)(x' - max)), so that each pays for its own alone and z-loss and
+    // softcap for none (benchmarks/NOTES.md, rows 27-28).
     if (!p.spec.sum_x && !p.spec.sum_px) {
       return launch_cluster<scalar_t, target_t, kVecs, WRITE_GRAD, kOptions, 0>(p, cluster, stream);
+    }
+    if (!p.spec.sum_px) {
+      return launch_cluster<scalar_t, target_t, kVecs, WRITE_GRAD, kOptions, kSumX>(p, cluster, stream);
+    }
+    if (!p.spec.sum_x) {
+      return launch_cluster<scalar_t, target_t, kVecs, WRITE_GRAD, kOptions, kSumPx>(p, cluster, stream);
     }
   }
   auto* kernel = cross_entropy_cluster_kernel<scalar_t, target_t, kVecs, WRITE_GRAD, false, kOptions, kSums>;
