@@ -45,9 +45,10 @@ _SLAB_MIN_BYTES, _SLAB_MAX_BYTES = 32 << 20, 256 << 20
 _SLAB_MARGIN = 16 << 20
 _SLAB_BYTES: int | None = None  # a fixed slab size instead of the rule (tests: 1 gives the narrowest slabs)
 _SLAB_ALIGN = 256  # columns: whole GEMM tiles
-# The fused backward's slabs are also capped at this many waves of its kernel's tiles (benchmarks/NOTES.md, row 25):
-# under the byte rule they would be 3x the slab path's width, memory that buys no speed.
-_SLAB_WAVES = 16
+# The fused backward's slabs are also capped at this many waves of its kernel's tiles (benchmarks/NOTES.md, rows 25
+# and 29): under the byte rule alone they would be 3x the slab path's width at small D, memory that buys no speed;
+# 16 waves cost 3-4% at D = 4096, 20 nothing.
+_SLAB_WAVES = 20
 
 
 def _slab_bytes(rows: int, dim: int) -> int:
