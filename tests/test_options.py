@@ -80,6 +80,7 @@ def test_return_stats(device, backend, option, inplace):
     count = (shifted != -100).sum().double()
     z_term = options.get("z_loss", 0.0) * (lse.square() * (shifted != -100)).sum() / count
     torch.testing.assert_close(out.z_loss.double(), z_term, rtol=1e-6, atol=1e-9)
+    assert out.z_loss.shape == () and out.z_loss.dtype == torch.float32  # also without a z-loss (zeros, made apart)
     ref = causal_lm_loss_reference(pristine, labels, **options)
     assert_loss_close(out.loss, ref)
     out.loss.backward()  # differentiable as without return_stats
@@ -168,3 +169,19 @@ def test_bad_option_values_raise(bad, match):
         fastce.cross_entropy(logits.view(6, 11), target.view(6), **bad)
     with pytest.raises(ValueError, match="reduction"):
         fastce.cross_entropy(logits.view(6, 11), target.view(6), reduction="avg")
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("z_loss", [0.0, 2e-3])
+def test_per_row_z_loss_term(device, backend, z_loss):
+    """reduction="none" with return_stats: the z-loss term per row, float32, z_loss * lse**2 on kept rows and 0 on
+    ignored ones; zeros of the rows' shape without a z-loss."""
+    N, V = 11, 257
+    logits = random_logits((N, V), torch.bfloat16, device)
+    target = torch.randint(0, V, (N,), device=device)
+    target[[2, 7]] = -100
+    out = fastce.cross_entropy(logits, target, reduction="none", backend=backend, return_stats=True, z_loss=z_loss)
+    assert out.z_loss.shape == (N,) and out.z_loss.dtype == torch.float32
+    lse = logits.double().logsumexp(-1)
+    expected = torch.where(target != -100, z_loss * lse.square(), torch.zeros_like(lse))
+    torch.testing.assert_close(out.z_loss.double(), expected, rtol=1e-6, atol=1e-9)
