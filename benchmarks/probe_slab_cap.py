@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastce  # noqa: E402
-from bench_linear_cross_entropy import make_inputs  # noqa: E402
+from bench_linear_cross_entropy import make_inputs, peak_extra  # noqa: E402
 from fastce import linear  # noqa: E402
 
 GiB = 2 ** 30
@@ -46,8 +46,11 @@ def main(argv=None) -> None:
         kept = int((t != -100).sum())
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
 
-        def step():
+        def clear():
             hh.grad = ww.grad = None
+
+        def step():
+            clear()
             fastce.linear_cross_entropy(hh, ww, t, backend="triton").backward()
 
         times, peaks = {c: [] for c in caps}, {}
@@ -65,13 +68,7 @@ def main(argv=None) -> None:
                         times[cap].append(start.elapsed_time(end))
             for cap in caps:
                 linear._SLAB_WAVES = cap or (1 << 30)
-                hh.grad = ww.grad = None
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                peaks[cap] = (torch.cuda.max_memory_allocated() - base) / GiB
+                peaks[cap] = peak_extra(step, hh.device, clear) / GiB
         finally:
             linear._SLAB_WAVES = saved
         for cap in caps:
