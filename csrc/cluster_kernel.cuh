@@ -61,9 +61,10 @@ constexpr int kSumX = 1, kSumPx = 2;  // register_stats' kSums: which of the opt
 // This thread's stats of the vectors it holds: raw[i] is vector first_vec + i * kThreads of a row of `len` elements
 // misaligned by `shift`. Its max first (on the raw words), then the sum of exponentials relative to it: a tree per
 // vector, then over vectors. With options, also the sums that kSums names: of x' (kSumX) and of exp(x' - max)(x' - max)
-// (kSumPx), each a select per element (cheaper than a branch), and with kSoftcap the
-// stats of x' (tanh is increasing, so the max of x' is x' of the max: -inf for a thread that holds none of the
-// row's elements). Elements outside the row are masked out by position, without branches.
+// (kSumPx); without a softcap the row's bounds are tested once a vector (benchmarks/NOTES.md, row 27), with one a
+// select per element. With kSoftcap, the stats of x' (tanh is increasing, so the max of x' is x' of the max: -inf for
+// a thread that holds none of the row's elements). Elements outside the row are masked out, without branches in
+// the loops over elements.
 
 template <typename scalar_t, int kVecs, bool kOptions, bool kSoftcap, int kSums>
 __device__ __forceinline__ RowStats<kOptions> register_stats(const uint4 (&raw)[kVecs], int first_vec, int shift,
